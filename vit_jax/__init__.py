@@ -1,0 +1,32 @@
+"""vit-jax: Vision Transformers in JAX/Flax.
+
+Public API:
+  create_model(variant, num_classes=..., **overrides) -> linen VisionTransformer
+  ViTConfig, get_config                      the model's hyperparameters
+  load_pretrained(path, ...) -> (model, params)   any public ViT checkpoint (vit_jax, big_vision, timm, HF)
+  save_pretrained(params, path, format=..., model=...)
+"""
+
+from vit_jax.model_config import ViTConfig, get_config
+from vit_jax.models import VisionTransformer, count_params, create_model, init_params, patchify
+
+__all__ = [
+    "ViTConfig",
+    "VisionTransformer",
+    "count_params",
+    "create_model",
+    "get_config",
+    "init_params",
+    "load_pretrained",
+    "patchify",
+    "save_pretrained",
+]
+
+
+def __getattr__(name):
+    # Interop pulls in safetensors and friends; import it only when asked for.
+    if name in ("load_pretrained", "save_pretrained"):
+        from vit_jax import convert
+
+        return getattr(convert, name)
+    raise AttributeError(f"module 'vit_jax' has no attribute {name!r}")

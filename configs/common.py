@@ -1,0 +1,226 @@
+"""The shared base config: every field the data pipeline and the trainer read, with its meaning.
+
+Recipes (`digits.py`, `pretrain.py`, `finetune.py`) start from `get_config()` and change what they
+need. Every field exists here, so `--config.<key>=value` works for all of them and a misspelt key is
+an error.
+
+Data (read by `vit_jax.input_pipeline`):
+  dataset               TFDS name ('cifar10', 'digits', ...) or a path to an image folder
+                        `<root>/<split>/<class>/*.jpg`.
+  data_dir              TFDS data dir; None = TFDS's default (~/tensorflow_datasets).
+  train_split           TFDS split to train on, e.g. 'train' or 'train[:90%]'.
+  eval_split            split evaluated every `eval_every_steps` and at the end ('test',
+                        'validation').
+  image_size            side of the square images the pipeline makes; the model is built at this
+                        size (its `image_size` field comes from here).
+  batch_size            global training batch (all processes and devices together), in examples.
+  eval_batch_size       global eval batch; the last partial batch is padded and masked.
+  seed                  seeds data order/augmentation and the model's init/dropout; same seed, same
+                        run.
+  shuffle_buffer_size   tf.data shuffle buffer, in examples.
+  skip_corrupt_images   image folders: skip (and count) files that do not decode instead of failing.
+  pp.crop_area_range    Inception random-resized-crop area range, fractions of the image; None =
+                        resize the whole image.
+  pp.crop_aspect_range  aspect ratios the Inception crop may take.
+  pp.flip               random horizontal flips when training.
+  pp.translate_pixels   random shifts of up to this many output pixels, black fill (small images).
+  pp.label_smoothing    ε: training targets are (1-ε)·onehot + ε/K. Applied once, by the input
+                        pipeline, so it composes with mixup; the trainer's loss takes the soft
+                        targets as they come.
+  pp.mixup_alpha        mixup Beta(α, α); 0 = off.
+  pp.randaugment_layers RandAugment ops per image; 0 = off.
+  pp.randaugment_magnitude RandAugment magnitude (0-30 scale, as in AugReg).
+  pp.eval_crop_fraction eval: central crop of this fraction after resizing; 1.0 = whole image.
+  pp.num_channels       channels fed to the model (grayscale is repeated to 3 when this is 3).
+
+Model:
+  model                 every `vit_jax.ViTConfig` field except image_size, num_classes and
+                        num_channels (those come from the data). Build it with
+                        `model_config('ViT-B/16', dropout_rate=0.1)`. `model.dtype` is the
+                        activation dtype (mixed precision: 'bfloat16' activations, float32 master
+                        params via `model.param_dtype`).
+  init_from             '' = train from scratch; else a checkpoint to start from: this project's
+                        `<workdir>/checkpoints[/<step>]` or a published vit_jax/big_vision `.npz`
+                        (gs:// works online). Position embeddings are resized to the new grid and
+                        the head re-initialized when the class count differs; any other mismatch is
+                        an error naming the key.
+
+Loss:
+  loss                  'softmax_xent' (default) or 'sigmoid_xent' (independent binary
+                        cross-entropies summed over classes: big_vision's ImageNet-21k loss, paired
+                        with model.head_bias_init=-10).
+
+Length:
+  total_steps           optimizer steps to train. Exactly one of total_steps / total_epochs is set;
+                        None or 0 = unset, so the command line can switch: --config.total_steps=0
+                        --config.total_epochs=10.
+  total_epochs          passes over the train split (rounded up to whole steps).
+  accum_steps           gradient accumulation: each step averages the gradients of `accum_steps`
+                        micro-batches of batch_size / accum_steps (the same update as one big batch,
+                        up to float rounding, with the memory of a micro-batch; dropout/drop-path
+                        masks are drawn per micro-batch, so with those on it is equal in
+                        distribution, not bit for bit).
+
+Optimizer (`optim`) — all through optax:
+  optim.name            'sgd' | 'momentum' | 'adam' | 'adamw'.
+  optim.learning_rate   peak learning rate (after warmup), for the global batch.
+  optim.momentum        'momentum' only: the heavy-ball β ('sgd' is plain SGD without momentum).
+  optim.nesterov        'momentum' only: Nesterov momentum.
+  optim.b1, optim.b2, optim.eps Adam's moments and epsilon.
+  optim.mu_dtype        dtype of Adam's first moment / SGD momentum, e.g. 'bfloat16' to save memory;
+                        None = the params' dtype.
+  optim.weight_decay    weight decay, multiplied by the learning-rate schedule. 'adamw': decoupled
+                        (Loshchilov & Hutter); 'adam'/'sgd'/'momentum': added to the gradient (L2).
+  optim.no_decay        regex over parameter paths ('Transformer/encoderblock_0/LayerNorm_0/scale');
+                        matching params get no weight decay. Default: biases, norm scales, position
+                        embeddings and the class/register/probe tokens.
+  optim.grad_clip_norm  clip the gradient's global norm to this; 0 = no clipping.
+  optim.lr_mults        ((regex, multiplier), ...): a param's lr is scaled by the first matching
+                        multiplier (1 when none match).
+  optim.freeze          regex: matching params are not updated (zero updates, no optimizer state);
+                        '' = train everything.
+
+Learning-rate schedule (`schedule`):
+  schedule.name         'cosine' | 'linear' | 'rsqrt' | 'constant', after a linear warmup from 0.
+  schedule.warmup_steps linear warmup steps from 0 to optim.learning_rate.
+  schedule.end_lr_fraction cosine/linear decay ends at learning_rate * this at total_steps.
+  schedule.rsqrt_timescale rsqrt: lr · sqrt(timescale / (step - warmup + timescale)).
+  schedule.cooldown_steps rsqrt/constant: linear cooldown to 0 over the last N steps (0 = none).
+
+Devices:
+  mesh.data, mesh.fsdp  sizes of the device mesh's axes ('data', 'fsdp'); -1 = all remaining
+                        devices. The batch is split over both axes; with mesh.fsdp > 1 each
+                        parameter (and its optimizer state) of at least `fsdp_min_size` elements is
+                        sharded over 'fsdp' along its largest divisible dimension (ZeRO-3 style);
+                        smaller ones stay replicated.
+  fsdp_min_size         see above, in elements.
+  prefetch_to_device    batches put on the devices ahead of the step (host→device overlap); 0 = off.
+
+Loop, evaluation, checkpoints, logs (all files go to the workdir):
+  log_every_steps       progress line + TensorBoard/metrics.jsonl train metrics every N steps.
+  eval_every_steps      evaluate on the whole eval_split every N steps (0 = only at the end).
+  checkpoint_every_steps save an Orbax checkpoint every N steps (0 = only at the end); a restart of
+                        the same command resumes from the newest one.
+  keep_checkpoints      keep the newest K checkpoints.
+  async_checkpoints     write checkpoints in the background while training continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from vit_jax import model_config as vit_config
+
+# Model fields the trainer fills in from the data, so a recipe cannot get them inconsistent.
+DATA_DERIVED_MODEL_FIELDS = ("image_size", "num_classes", "num_channels")
+
+# Biases, LayerNorm scales, position embeddings, class/register tokens, MAP probe, LayerScale.
+NO_DECAY = r"(^|/)(bias|scale|pos_embedding|cls|registers|probe|layerscale_attn|layerscale_mlp)$"
+
+
+def model_config(variant: str | None = None, **overrides) -> ml_collections.ConfigDict:
+    """`ViTConfig` fields of `variant` (+ overrides), less the data-derived ones, as a ConfigDict.
+
+    Listing every field (not just the overrides) makes each one settable from the command line and
+    shows the whole architecture in the saved config.json. Fields whose value is None get a typed
+    placeholder so that `--config.model.representation_size=768` still parses.
+    """
+    vit = vit_config.get_config(variant, **overrides)
+    types = {f.name: f.type for f in dataclasses.fields(vit)}
+    fields = {}
+    for name, value in vit.to_dict().items():
+        if name in DATA_DERIVED_MODEL_FIELDS:
+            continue
+        if value is None:
+            # Annotations are strings ('float | None'); the first name is the value type.
+            value_type = {"bool": bool, "int": int, "float": float, "str": str}[
+                str(types[name]).split("|")[0].strip()
+            ]
+            fields[name] = config_dict.placeholder(value_type)
+        else:
+            fields[name] = tuple(value) if isinstance(value, list) else value
+    return ml_collections.ConfigDict(fields)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Data.
+    config.dataset = "digits"
+    config.data_dir = config_dict.placeholder(str)
+    config.train_split = "train"
+    config.eval_split = "test"
+    config.image_size = 224
+    config.batch_size = 512
+    config.eval_batch_size = 512
+    config.seed = 0
+    config.shuffle_buffer_size = 50_000
+    config.skip_corrupt_images = False
+    config.pp = ml_collections.ConfigDict(
+        dict(
+            crop_area_range=(0.05, 1.0),
+            crop_aspect_range=(3 / 4, 4 / 3),
+            flip=True,
+            translate_pixels=0,
+            label_smoothing=0.0,
+            mixup_alpha=0.0,
+            randaugment_layers=0,
+            randaugment_magnitude=10,
+            eval_crop_fraction=1.0,
+            num_channels=3,
+        )
+    )
+
+    # Model.
+    config.model = model_config("ViT-B/16")
+    config.init_from = ""
+    config.loss = "softmax_xent"
+
+    # Length.
+    config.total_steps = config_dict.placeholder(int)
+    config.total_epochs = config_dict.placeholder(float)
+    config.accum_steps = 1
+
+    # Optimizer and schedule.
+    config.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=1e-3,
+            momentum=0.9,
+            nesterov=False,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            mu_dtype=config_dict.placeholder(str),
+            weight_decay=0.0,
+            no_decay=NO_DECAY,
+            grad_clip_norm=1.0,
+            lr_mults=(),
+            freeze="",
+        )
+    )
+    config.schedule = ml_collections.ConfigDict(
+        dict(
+            name="cosine",
+            warmup_steps=0,
+            end_lr_fraction=0.0,
+            rsqrt_timescale=10_000,
+            cooldown_steps=0,
+        )
+    )
+
+    # Devices.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.fsdp_min_size = 2**14
+    config.prefetch_to_device = 2
+
+    # Loop, evaluation, checkpoints, logs.
+    config.log_every_steps = 50
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.async_checkpoints = True
+    return config

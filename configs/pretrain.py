@@ -1,0 +1,82 @@
+r"""Upstream pre-training, the ViT paper's recipe (Dosovitskiy et al. 2020, Sec. 4.1 and Table 3).
+
+  python train.py --config configs/pretrain.py:ViT-B/16,imagenet2012 --workdir workdirs/b16_i1k
+  python train.py --config configs/pretrain.py:ViT-B/16,imagenet21k --workdir workdirs/b16_i21k \
+      --config.data_dir=/path/to/tfds
+
+Argument: `<variant>,<dataset>` with dataset `imagenet2012` or `imagenet21k` (default
+`ViT-B/16,imagenet2012`). ImageNet must already be prepared in `config.data_dir` (TFDS cannot
+download it); ImageNet-21k is not in the TFDS catalog: prepare a TFDS dataset named `imagenet21k`
+with one split `full` (as big_vision does), or set `--config.dataset=/path/to/folder`.
+
+The recipe: Adam (β1 0.9, β2 0.999), batch 4096, peak lr 1e-3 after 10k linear warmup steps, then
+linear decay (`--config.schedule.name=cosine` for cosine), weight decay decoupled as in AdamW and not
+applied to biases, norms, position embeddings or the class token (paper: 0.3 on ImageNet, 0.03 on
+ImageNet-21k; big weight decay is what makes Adam work for ViT), global-norm clipping at 1, a
+pre-logits layer (Dense + tanh) during pre-training, dropout 0.1, 300 epochs on ImageNet and 90 on
+ImageNet-21k, bfloat16 activations with float32 master weights. ImageNet-21k images often have
+several labels, so it uses big_vision's sigmoid cross-entropy with the head bias starting at -10:
+every class starts near probability 0, so the 21,842 absent classes do not swamp the loss. Its eval
+split is a held-out "minival" of 51,200 images, as in big_vision.
+
+AugReg (Steiner et al. 2021) options: `--config.pp.mixup_alpha=0.2 --config.pp.randaugment_layers=2
+--config.pp.randaugment_magnitude=15` (and usually less weight decay / dropout then).
+Large models: `--config.mesh.fsdp=8` shards parameters and optimizer state over 8 devices;
+`--config.optim.mu_dtype=bfloat16` halves the first moment; `--config.model.remat_policy=full`.
+
+Expected (the paper's numbers, after fine-tuning at 384 px; this recipe has not been run at this
+scale in this repository): ViT-B/16 ImageNet-only 77.9% ImageNet top-1; ViT-B/16 pre-trained on
+ImageNet-21k 84.0%.
+"""
+
+from configs import common
+
+DATASETS = {
+    # dataset: (train split, eval split, epochs, weight decay, head bias init, loss)
+    "imagenet2012": ("train", "validation", 300, 0.3, 0.0, "softmax_xent"),
+    "imagenet21k": ("full[51200:]", "full[:51200]", 90, 0.03, -10.0, "sigmoid_xent"),
+}
+
+
+def get_config(arg: str | None = None):
+    variant, dataset = (arg or "ViT-B/16,imagenet2012").split(",")
+    if dataset not in DATASETS:
+        raise ValueError(
+            f"pretrain.py:<variant>,<dataset>: dataset {dataset!r}; allowed: {list(DATASETS)}"
+        )
+    train_split, eval_split, epochs, weight_decay, head_bias, loss = DATASETS[dataset]
+    config = common.get_config()
+
+    config.dataset = dataset
+    config.train_split = train_split
+    config.eval_split = eval_split
+    config.image_size = 224
+    config.batch_size = 4096
+    config.eval_batch_size = 1024
+    config.shuffle_buffer_size = 250_000
+    config.pp.crop_area_range = (0.05, 1.0)  # Inception crop
+    config.pp.flip = True
+
+    width = common.model_config(variant).hidden_size
+    config.model = common.model_config(
+        variant,
+        representation_size=width,  # the pre-training MLP head: Dense + tanh, dropped for fine-tuning
+        dropout_rate=0.1,
+        head_bias_init=head_bias,
+        dtype="bfloat16",
+    )
+
+    config.loss = loss
+    config.total_epochs = epochs
+    config.optim.name = "adamw"
+    config.optim.learning_rate = 1e-3
+    config.optim.b1, config.optim.b2 = 0.9, 0.999
+    config.optim.weight_decay = weight_decay
+    config.optim.grad_clip_norm = 1.0
+    config.schedule.name = "linear"
+    config.schedule.warmup_steps = 10_000
+
+    config.log_every_steps = 100
+    config.eval_every_steps = 5_000
+    config.checkpoint_every_steps = 2_000
+    return config

@@ -1,0 +1,167 @@
+"""What a person sees of a run: progress lines, TensorBoard events, metrics.jsonl, curves.png.
+
+Only process 0 writes or prints (on a pod every host runs the same loop); the others get no-ops.
+All files go to the workdir:
+  metrics.jsonl   one JSON object per line: {"step": 100, "split": "train", "loss": ..., ...};
+                  a resumed run appends, and readers keep the last value per (split, step);
+  events.out.tfevents.*   the same scalars for TensorBoard (`tensorboard --logdir <workdir>`);
+  curves.png      loss and accuracy against steps, drawn at the end from metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import time
+from typing import Any
+
+import jax
+from etils import epath
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def log(message: str) -> None:
+    """A line on stdout from process 0 (flushed at once: runs are watched live)."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+class MetricWriter:
+    """Scalars to TensorBoard and to metrics.jsonl in `workdir`."""
+
+    def __init__(self, workdir: str | epath.Path):
+        self.workdir = epath.Path(workdir)
+        self._enabled = is_main_process()
+        self._tensorboard = None
+        if self._enabled:
+            from tensorboardX import SummaryWriter  # imported late: process 0 only
+
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._tensorboard = SummaryWriter(logdir=str(self.workdir))
+            self._jsonl = (self.workdir / "metrics.jsonl").open("a")
+
+    def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+        if not self._enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+        self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._enabled:
+            self._tensorboard.close()
+            self._jsonl.close()
+
+
+def read_metrics(path: str | epath.Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """metrics.jsonl → {split: {metric: [(step, value), ...] sorted by step}}, last write wins.
+
+    A run resumed from step S rewrites steps after S; keeping the last value per step keeps the
+    curves those of the run that finished.
+    """
+    latest: dict[tuple[str, str, int], float] = {}
+    for line in epath.Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            for key, value in record.items():
+                if key not in ("step", "split"):
+                    latest[(record["split"], key, record["step"])] = value
+    curves: dict[str, dict[str, list]] = collections.defaultdict(
+        lambda: collections.defaultdict(list)
+    )
+    for (split, key, step), value in sorted(latest.items(), key=lambda kv: kv[0][2]):
+        curves[split][key].append((step, value))
+    return {split: dict(metrics) for split, metrics in curves.items()}
+
+
+def plot_curves(metrics_path: str | epath.Path, png_path: str | epath.Path) -> None:
+    """Loss (train and eval) and eval accuracy against steps, side by side, as a PNG."""
+    if not is_main_process():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    curves = read_metrics(metrics_path)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        if "loss" in curves.get(split, {}):
+            steps, values = zip(*curves[split]["loss"])
+            loss_ax.plot(steps, values, style, label=f"{split} loss", markersize=3)
+    for name in ("top1", "top5"):
+        if name in curves.get("eval", {}):
+            steps, values = zip(*curves["eval"][name])
+            acc_ax.plot(steps, [100 * v for v in values], "o-", label=f"eval {name}", markersize=3)
+    if loss_ax.lines:  # one x-axis for both panels, even when there was a single evaluation
+        acc_ax.set_xlim(loss_ax.get_xlim())
+    loss_ax.set(xlabel="step", ylabel="loss", title="Loss")
+    acc_ax.set(xlabel="step", ylabel="accuracy (%)", title="Eval accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(png_path), dpi=100)
+    plt.close(fig)
+
+
+class Progress:
+    """Formats progress lines: step, loss, lr, images/s (total and per device), ETA.
+
+    Throughput is measured between consecutive lines (wall time, so input stalls show up, but
+    time spent inside `paused()` — evaluation, checkpointing — does not count). The first interval
+    includes compilation, so the ETA is only estimated from the second line on.
+    """
+
+    def __init__(self, total_steps: int, batch_size: int, start_step: int):
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+        self._step_seconds: float | None = None
+        self._paused_seconds = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_seconds += time.perf_counter() - start
+
+    def line(self, step: int, scalars: dict[str, Any]) -> tuple[str, dict[str, float]]:
+        """The progress line at `step` and the throughput figures (to log as metrics too)."""
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        seconds = max(now - self._last_time - self._paused_seconds, 1e-9)
+        self._paused_seconds = 0.0
+        first_interval = self._step_seconds is None
+        self._step_seconds = seconds / steps
+        self._last_step, self._last_time = step, now
+        images_per_sec = steps * self.batch_size / seconds
+        throughput = {
+            "images_per_sec": images_per_sec,
+            "images_per_sec_per_device": images_per_sec / jax.device_count(),
+        }
+        eta = "?" if first_interval else _duration(self._step_seconds * (self.total_steps - step))
+        width = len(str(self.total_steps))
+        text = (
+            f"step {step:>{width}}/{self.total_steps} | loss {scalars['loss']:.4f} | "
+            f"lr {scalars['lr']:.3g} | {images_per_sec:,.0f} img/s "
+            f"({throughput['images_per_sec_per_device']:,.0f}/device) | ETA {eta}"
+        )
+        return text, throughput
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"

@@ -1,0 +1,211 @@
+"""The optimizer and learning-rate schedule, built from `config.optim` and `config.schedule` with optax.
+
+The update of a trainable parameter, in order (each step optional by config):
+  1. clip the gradient's global norm (over the trainable parameters);
+  2. L2 weight decay added to the gradient ('sgd', 'momentum', 'adam');
+  3. the optimizer's direction: plain ('sgd'), heavy-ball ('momentum'), Adam ('adam', 'adamw');
+  4. decoupled weight decay ('adamw', Loshchilov & Hutter), on the masked parameters only;
+  5. per-parameter learning-rate multipliers (`optim.lr_mults`, first matching regex wins);
+  6. scale by -schedule(step).
+Frozen parameters (`optim.freeze`) get zero updates and keep no optimizer state.
+
+Regexes match parameter paths written with '/', e.g. 'Transformer/encoderblock_3/MlpBlock_3/Dense_0/bias'.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+
+
+def param_path(key_path: tuple) -> str:
+    """A jax tree key path → 'Transformer/encoder_norm/scale'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
+
+
+def tree_map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda kp, leaf: fn(param_path(kp), leaf), tree)
+
+
+def _compile(pattern: str, field: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{field}={pattern!r} is not a valid regex: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule.
+
+
+def make_schedule(schedule: Mapping[str, Any], learning_rate: float, total_steps: int):
+    """step → learning rate: linear warmup from 0, then `schedule.name` until `total_steps`.
+
+    cosine:   lr · (f + (1 - f) · ½(1 + cos(π t))), t the fraction of post-warmup steps done, f =
+              end_lr_fraction;
+    linear:   lr · (1 - (1 - f) t);
+    rsqrt:    lr · sqrt(timescale / (step - warmup + timescale)), the "inverse square root" decay
+              that needs no known length (big_vision), optionally cooled down linearly to 0;
+    constant: lr, optionally cooled down linearly to 0 over the last `cooldown_steps`.
+    """
+    name = schedule["name"]
+    if name not in SCHEDULES:
+        raise ValueError(f"config.schedule.name={name!r} is not supported; allowed: {SCHEDULES}")
+    warmup = int(schedule["warmup_steps"])
+    end_fraction = float(schedule.get("end_lr_fraction", 0.0))
+    timescale = float(schedule.get("rsqrt_timescale", 10_000))
+    cooldown = int(schedule.get("cooldown_steps", 0))
+    if not 0 <= warmup <= total_steps:
+        raise ValueError(
+            f"config.schedule.warmup_steps={warmup} must be in [0, total_steps={total_steps}]"
+        )
+    if not 0 <= cooldown <= total_steps:
+        raise ValueError(
+            f"config.schedule.cooldown_steps={cooldown} must be in [0, total_steps={total_steps}]"
+        )
+    decay_steps = max(total_steps - warmup, 1)
+
+    def schedule_fn(step):
+        step = jnp.asarray(step, jnp.float32)
+        t = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+        if name == "cosine":
+            factor = end_fraction + (1.0 - end_fraction) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+        elif name == "linear":
+            factor = 1.0 - (1.0 - end_fraction) * t
+        elif name == "rsqrt":
+            factor = jnp.sqrt(timescale / (jnp.maximum(step - warmup, 0.0) + timescale))
+        else:
+            factor = jnp.ones_like(step)
+        if cooldown and name in ("rsqrt", "constant"):
+            factor *= jnp.clip((total_steps - step) / cooldown, 0.0, 1.0)
+        if warmup:
+            factor *= jnp.minimum(step / warmup, 1.0)
+        return learning_rate * factor
+
+    return schedule_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-parameter masks and multipliers.
+
+
+def _decays(no_decay: str) -> Callable[[str], bool]:
+    pattern = _compile(no_decay, "config.optim.no_decay") if no_decay else None
+    return lambda path: not (pattern and pattern.search(path))
+
+
+def _multiplier(lr_mults: Any) -> Callable[[str], float]:
+    rules = [(_compile(p, "config.optim.lr_mults"), float(m)) for p, m in lr_mults or ()]
+    return lambda path: next((m for pattern, m in rules if pattern.search(path)), 1.0)
+
+
+def decay_mask(params: Any, no_decay: str) -> Any:
+    """True where weight decay applies: every parameter whose path does not match `no_decay`."""
+    decays = _decays(no_decay)
+    return tree_map_with_path(lambda path, _: decays(path), params)
+
+
+def lr_multipliers(params: Any, lr_mults: Any) -> Any:
+    """A float per parameter: the multiplier of the first (regex, multiplier) pair that matches."""
+    multiplier = _multiplier(lr_mults)
+    return tree_map_with_path(lambda path, _: multiplier(path), params)
+
+
+def freeze_labels(params: Any, freeze: str) -> Any:
+    """'frozen' or 'trained' per parameter, for `optax.multi_transform`."""
+    pattern = _compile(freeze, "config.optim.freeze") if freeze else None
+    return tree_map_with_path(
+        lambda path, _: "frozen" if pattern and pattern.search(path) else "trained", params
+    )
+
+
+# These two look at parameter paths when they run, not at a mask tree fixed in advance, because
+# under `optax.multi_transform` (freezing) they see trees with the frozen leaves taken out.
+
+
+def add_decayed_weights(weight_decay: float, no_decay: str) -> optax.GradientTransformation:
+    """updates + weight_decay * params, for the parameters whose path does not match `no_decay`."""
+    decays = _decays(no_decay)
+
+    def update_fn(updates, state, params):
+        def add(path, u, p):
+            return u + weight_decay * p.astype(u.dtype) if decays(param_path(path)) else u
+
+        return jax.tree_util.tree_map_with_path(add, updates, params), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def scale_by_lr_mults(lr_mults: Any) -> optax.GradientTransformation:
+    """Multiply each parameter's update by the multiplier of the first regex matching its path."""
+    multiplier = _multiplier(lr_mults)
+
+    def update_fn(updates, state, params=None):
+        del params
+        return tree_map_with_path(lambda path, u: u * multiplier(path), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer.
+
+
+def make_optimizer(
+    optim: Mapping[str, Any], schedule: Mapping[str, Any], params: Any, total_steps: int
+) -> tuple[optax.GradientTransformation, Callable]:
+    """(optax transformation, lr schedule) for `params` (arrays or ShapeDtypeStructs).
+
+    `params` is only read for its tree structure and paths (which parameters are frozen).
+    """
+    name = optim["name"]
+    if name not in OPTIMIZERS:
+        raise ValueError(f"config.optim.name={name!r} is not supported; allowed: {OPTIMIZERS}")
+    lr_schedule = make_schedule(schedule, float(optim["learning_rate"]), total_steps)
+    mu_dtype = optim.get("mu_dtype") or None
+    weight_decay = float(optim.get("weight_decay", 0.0))
+    no_decay = optim.get("no_decay", "")
+
+    chain = []
+    if optim.get("grad_clip_norm"):
+        chain.append(optax.clip_by_global_norm(float(optim["grad_clip_norm"])))
+    if weight_decay and name != "adamw":
+        chain.append(add_decayed_weights(weight_decay, no_decay))
+    if name == "momentum":
+        chain.append(
+            optax.trace(
+                decay=float(optim["momentum"]),
+                nesterov=bool(optim.get("nesterov", False)),
+                accumulator_dtype=mu_dtype,
+            )
+        )
+    elif name in ("adam", "adamw"):
+        chain.append(
+            optax.scale_by_adam(
+                b1=float(optim["b1"]),
+                b2=float(optim["b2"]),
+                eps=float(optim["eps"]),
+                mu_dtype=mu_dtype,
+            )
+        )
+    if weight_decay and name == "adamw":
+        chain.append(add_decayed_weights(weight_decay, no_decay))
+    if optim.get("lr_mults"):
+        chain.append(scale_by_lr_mults(optim["lr_mults"]))
+    chain.append(optax.scale_by_learning_rate(lr_schedule))
+    tx = optax.chain(*chain)
+
+    if optim.get("freeze"):
+        labels = freeze_labels(params, optim["freeze"])
+        if "trained" not in jax.tree.leaves(labels):
+            raise ValueError(f"config.optim.freeze={optim['freeze']!r} freezes every parameter")
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, lr_schedule

@@ -1,0 +1,118 @@
+"""The train state {'params', 'opt_state', 'step'}: its model, its placement, and where it starts.
+
+A run starts from exactly one of, in this order:
+  1. the newest checkpoint in the workdir (a restart resumes: see `trainer.py`);
+  2. `config.init_from`: a checkpoint of this project or a published `.npz` (fine-tuning), fitted
+     to the new model by `vit_jax.transfer.adapt_params` (position embeddings resized, head
+     re-initialized when the class count differs, anything else that differs is an error);
+  3. a fresh random init.
+Every path builds the arrays directly with their final sharding, so no device ever holds more than
+its share of an FSDP-sharded model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from vit_jax import checkpoints, models, transfer
+from vit_jax import sharding as sharding_lib
+from vit_jax.model_config import ViTConfig
+
+
+def model_config_for(config: ml_collections.ConfigDict, num_classes: int, num_channels: int):
+    """The ViTConfig a run trains: `config.model` plus what the data decides.
+
+    image_size comes from `config.image_size` (what the pipeline resizes to); the class and channel
+    counts come from the dataset, so a config cannot disagree with its data.
+    """
+    fields = config.model.to_dict()
+    overlap = sorted(set(fields) & {"image_size", "num_classes", "num_channels"})
+    if overlap:
+        raise ValueError(
+            f"config.model sets {overlap}; these come from the data: use config.image_size "
+            f"(the class and channel counts are read from the dataset)"
+        )
+    return ViTConfig.from_dict(
+        {
+            **fields,
+            "image_size": config.image_size,
+            "num_classes": num_classes,
+            "num_channels": num_channels,
+        }
+    )
+
+
+def state_shapes(model: models.VisionTransformer, tx: optax.GradientTransformation) -> dict:
+    """The train state as ShapeDtypeStructs, computed without allocating anything."""
+
+    def init():
+        params = models.init_params(model, jax.random.key(0))
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    return jax.eval_shape(init)
+
+
+def state_shardings(shapes: dict, mesh: jax.sharding.Mesh, fsdp_min_size: int) -> dict:
+    return sharding_lib.tree_shardings(shapes, mesh, fsdp_min_size)
+
+
+def init_state(
+    model: models.VisionTransformer,
+    tx: optax.GradientTransformation,
+    shardings: dict,
+    rng: jax.Array,
+    params: Any = None,
+) -> dict:
+    """A step-0 train state laid out as `shardings`: random params, or the given (host) params."""
+    if params is None:
+
+        def init():
+            p = models.init_params(model, rng)
+            return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
+
+        return jax.jit(init, out_shardings=shardings)()
+
+    params = jax.tree.map(_place_host_array, params, shardings["params"])
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def _place_host_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    # Every process holds the whole (host) array; each device takes only its own slice of it, which
+    # works for multi-host meshes where `device_put` of a whole array would not.
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+class InitCheckpointError(ValueError):
+    """`config.init_from` cannot be fitted to the model; the message names the parameter."""
+
+
+def load_init_params(init_from: str, model_config: ViTConfig) -> dict:
+    """Host params for `model_config` from a checkpoint of this project or a published file.
+
+    Raises FileNotFoundError for a missing path and InitCheckpointError (naming the parameter and
+    both shapes) when the checkpoint's architecture cannot be fitted to the model.
+    """
+    # Remote paths (gs://, https://) are checked by the reader: probing them here could hang offline.
+    if "://" not in init_from and not epath.Path(init_from).exists():
+        raise FileNotFoundError(f"config.init_from={init_from!r} does not exist")
+    if checkpoints.is_checkpoint(init_from):
+        src_config, params = checkpoints.read_model(init_from)
+    else:
+        from vit_jax import convert  # interop: imported only when a foreign format is used
+
+        model, params = convert.load_pretrained(init_from)
+        src_config = model.config
+    try:
+        return transfer.adapt_params(params, src_config, model_config)
+    except ValueError as e:
+        raise InitCheckpointError(f"config.init_from={init_from!r}: {e}") from None

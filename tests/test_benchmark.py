@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import TINY
 
 from vit_jax import benchmark
-
-TINY = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=4, image_size=16)
 
 
 @pytest.fixture(scope="module")

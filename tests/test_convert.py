@@ -13,25 +13,13 @@ import threading
 import jax
 import numpy as np
 import pytest
+from helpers import FIXTURES, REPO
 from safetensors.numpy import load_file, save_file
 
 import vit_jax
 from vit_jax import convert, transfer
 from vit_jax.formats import timm
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = next(
-    (
-        p
-        for p in (
-            pathlib.Path(os.environ.get("VIT_JAX_FIXTURES", "/nonexistent")),
-            REPO / "shared" / "fixtures",
-            REPO.parent / "shared" / "fixtures",
-        )
-        if p.is_dir()
-    ),
-    None,
-)
 pytestmark = pytest.mark.skipif(FIXTURES is None, reason="parity fixtures not found")
 POSEMB = transfer.POSEMB_KEY
 

@@ -1,7 +1,6 @@
 """The ViT model: shapes, parameter layout, the recipe's invariances, and numerics."""
 
 import json
-import pathlib
 
 import chex
 import jax
@@ -9,12 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from helpers import FIXTURES, TINY, random_params
 
 import vit_jax
 from vit_jax import layers, models
-
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-TINY = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=4, image_size=16)
 
 
 def tiny(**overrides) -> models.VisionTransformer:
@@ -23,15 +20,6 @@ def tiny(**overrides) -> models.VisionTransformer:
 
 def images(batch=2, size=(16, 16), seed=0):
     return jax.random.uniform(jax.random.key(seed), (batch, *size, 3), minval=-1.0, maxval=1.0)
-
-
-def random_params(model, seed=0):
-    """Initialized params with a non-zero head, so that every parameter reaches the logits."""
-    params = models.init_params(model, jax.random.key(seed))
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy)
 
 
 # --- Shapes and the parameter layout -------------------------------------------------------------

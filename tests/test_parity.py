@@ -6,31 +6,17 @@ represent the model, load back, and get the same config, the same params and the
 
 import functools
 import json
-import os
-import pathlib
 
 import jax
 import numpy as np
 import pytest
+from helpers import FIXTURES
 from safetensors.numpy import load_file
 
 import vit_jax
 from vit_jax import convert, transfer
 from vit_jax.models import VisionTransformer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = next(
-    (
-        p
-        for p in (
-            pathlib.Path(os.environ.get("VIT_JAX_FIXTURES", "/nonexistent")),
-            REPO / "shared" / "fixtures",
-            REPO.parent / "shared" / "fixtures",
-        )
-        if p.is_dir()
-    ),
-    None,
-)
 pytestmark = pytest.mark.skipif(FIXTURES is None, reason="parity fixtures not found")
 
 # fixture → (weights inside its folder, load_pretrained kwargs the format cannot provide itself).

@@ -8,10 +8,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import random_params
 from PIL import Image
 
 import vit_jax
-from vit_jax import checkpoints, models, predict
+from vit_jax import checkpoints, predict
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,24 +38,11 @@ def write_png(path, pixels: np.ndarray) -> str:
     return str(path)
 
 
-def random_params(model, seed=0):
-    @jax.jit
-    def init(key):
-        params = models.init_params(model, key)
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-        return jax.tree.unflatten(
-            treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-        )
-
-    return init(jax.random.key(seed))
-
-
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory):
     """A tiny grayscale 10-class model saved the way training saves it (Orbax, with its config)."""
     model = vit_jax.create_model(None, **TINY, num_channels=1, num_classes=10)
-    params = random_params(model)
+    params = random_params(model, scale=0.3)
     directory = tmp_path_factory.mktemp("workdir") / "checkpoints"
     manager = checkpoints.TrainCheckpoints(directory, async_save=False)
     manager.save(7, {"params": params, "opt_state": {}, "step": 7}, model.config, {"step": 7})
@@ -66,7 +54,7 @@ def digits_checkpoint(tmp_path_factory):
 def imagenet_checkpoint(tmp_path_factory):
     """A tiny 1000-class model as a published vit_jax .npz: its classes default to ImageNet's names."""
     model = vit_jax.create_model(None, **TINY, num_classes=1000)
-    params = random_params(model)
+    params = random_params(model, scale=0.3)
     path = str(tmp_path_factory.mktemp("npz") / "tiny.npz")
     vit_jax.save_pretrained(params, path, format="npz", model=model)
     return path, model, params

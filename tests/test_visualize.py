@@ -7,32 +7,18 @@ matplotlib.use("Agg")  # Before anything draws: the tests run headless.
 import jax
 import numpy as np
 import pytest
+from helpers import TINY, random_params
 
 import vit_jax
-from vit_jax import models, visualize
+from vit_jax import visualize
 
-TINY = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=4, image_size=16)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def random_params(model, seed=0):
-    """Initialized params with noise on every leaf, so attention is not uniform."""
-
-    @jax.jit
-    def init(key):
-        params = models.init_params(model, key)
-        leaves, treedef = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-        noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-        return jax.tree.unflatten(treedef, noisy)
-
-    return init(jax.random.key(seed))
 
 
 @pytest.fixture(scope="module")
 def token_model():
     model = vit_jax.create_model(None, **TINY, num_classes=10, num_registers=2)
-    return model, random_params(model)
+    return model, random_params(model, scale=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +120,7 @@ def test_attention_maps_from_a_model(token_model, images):
 def test_attention_maps_of_mean_pooling_follow_the_patch_tokens(images, class_token):
     overrides = dict(TINY, num_layers=1, num_classes=10, pool="gap", class_token=class_token)
     model = vit_jax.create_model(None, **overrides)
-    maps = visualize.attention_maps(model, random_params(model), images)
+    maps = visualize.attention_maps(model, random_params(model, scale=0.3), images)
     n = int(class_token)
     assert (maps.class_attention is None) == (not class_token)
     # The head averages the patch tokens, so the map averages their rows of the rollout, even when

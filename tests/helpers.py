@@ -1,0 +1,42 @@
+"""Helpers shared by the test modules (plain functions; fixtures live in conftest.py)."""
+
+import os
+import pathlib
+
+import jax
+
+from vit_jax import models
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The parity fixtures: ../shared/fixtures beside the checkout (as in CI), or $VIT_JAX_FIXTURES.
+FIXTURES = next(
+    (
+        p
+        for p in (
+            pathlib.Path(os.environ.get("VIT_JAX_FIXTURES", "/nonexistent")),
+            REPO / "shared" / "fixtures",
+            REPO.parent / "shared" / "fixtures",
+        )
+        if p.is_dir()
+    ),
+    None,
+)
+
+# A ViT small enough to compile in seconds on 2 CPU cores.
+TINY = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=4, image_size=16)
+
+
+def random_params(model: models.VisionTransformer, seed: int = 0, scale: float = 0.05):
+    """Initialized params plus noise on every leaf: a non-zero head and non-uniform attention, so
+    every parameter reaches the logits."""
+
+    @jax.jit
+    def init(key):
+        params = models.init_params(model, key)
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+        noisy = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        return jax.tree.unflatten(treedef, noisy)
+
+    return init(jax.random.key(seed))

@@ -114,3 +114,16 @@ def test_missing_or_empty_checkpoint_paths_say_what_was_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
         ckpt.restore({})
     ckpt.close()
+
+
+def test_relative_workdirs_work(setup, tmp_path, monkeypatch):
+    # `make train` passes workdirs/digits; Orbax itself only accepts absolute local paths.
+    model, _, _, state = setup
+    monkeypatch.chdir(tmp_path)
+    ckpt = checkpoints.TrainCheckpoints("workdirs/run/checkpoints", async_save=True)
+    ckpt.save(3, state, model.config, {"step": 3})
+    ckpt.close()
+    assert (tmp_path / "workdirs" / "run" / "checkpoints" / "3").is_dir()
+    config, params = checkpoints.read_model("workdirs/run")
+    assert config == model.config
+    assert_trees_equal(params, state["params"])

@@ -9,6 +9,7 @@ Every process calls save/restore (Orbax coordinates the hosts; each writes its o
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -30,7 +31,7 @@ class TrainCheckpoints:
     """
 
     def __init__(self, directory: str | epath.Path, *, keep: int = 3, async_save: bool = True):
-        self.directory = epath.Path(directory)
+        self.directory = absolute_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
@@ -131,13 +132,20 @@ def is_checkpoint(path: str | epath.Path) -> bool:
     return True
 
 
+def absolute_path(path: str | epath.Path) -> epath.Path:
+    """Orbax (tensorstore) refuses relative local paths; remote ones (gs://...) are left alone."""
+    if "://" in str(path):
+        return epath.Path(path)
+    return epath.Path(os.path.abspath(os.fspath(path)))
+
+
 def read_model(path: str | epath.Path) -> tuple[ViTConfig, dict]:
     """(ViTConfig, params as numpy) of a checkpoint; `path` as `find_step_dir` accepts.
 
     Reads only the parameters (not the optimizer state), onto the host, so it works on any number
     of devices and does not need the mesh the checkpoint was written from.
     """
-    step_dir = find_step_dir(path)
+    step_dir = find_step_dir(absolute_path(path))
     config_dict = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
         step_dir / "model_config", args=ocp.args.JsonRestore()
     )

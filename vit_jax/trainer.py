@@ -211,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns {'step': final step, 'eval': final eval metrics, 'train_losses': {step: loss} of the
     steps this call ran, 'preempted': bool}.
     """
-    workdir = epath.Path(workdir)
+    workdir = checkpoints.absolute_path(workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     _check_batch_sizes(config, mesh)
     data = _get_datasets(config)

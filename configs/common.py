@@ -113,6 +113,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from vit_jax import model_config as vit_config
+from vit_jax.data.defaults import PREPROCESSING_DEFAULTS
 
 # Model fields the trainer fills in from the data, so a recipe cannot get them inconsistent.
 DATA_DERIVED_MODEL_FIELDS = ("image_size", "num_classes", "num_channels")
@@ -159,20 +160,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.shuffle_buffer_size = 50_000
     config.skip_corrupt_images = False
-    config.pp = ml_collections.ConfigDict(
-        dict(
-            crop_area_range=(0.05, 1.0),
-            crop_aspect_range=(3 / 4, 4 / 3),
-            flip=True,
-            translate_pixels=0,
-            label_smoothing=0.0,
-            mixup_alpha=0.0,
-            randaugment_layers=0,
-            randaugment_magnitude=10,
-            eval_crop_fraction=1.0,
-            num_channels=3,
-        )
-    )
+    config.pp = ml_collections.ConfigDict(dict(PREPROCESSING_DEFAULTS))
 
     # Model.
     config.model = model_config("ViT-B/16")

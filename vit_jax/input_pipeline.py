@@ -74,6 +74,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vit_jax.data import preprocess
+from vit_jax.data.defaults import PREPROCESSING_DEFAULTS
 from vit_jax.data.validation import validate_config, validate_dataset
 from vit_jax.datasets import image_folder_builder  # Also registers the `digits` builder.
 
@@ -102,18 +103,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             seed=0,
             shuffle_buffer_size=10_000,
             skip_corrupt_images=False,
-            pp=dict(
-                crop_area_range=(0.05, 1.0),
-                crop_aspect_range=(3 / 4, 4 / 3),
-                flip=True,
-                translate_pixels=0,
-                label_smoothing=0.0,
-                mixup_alpha=0.0,
-                randaugment_layers=0,
-                randaugment_magnitude=10,
-                eval_crop_fraction=1.0,
-                num_channels=3,
-            ),
+            pp=dict(PREPROCESSING_DEFAULTS),
         )
     )
 

@@ -1,6 +1,5 @@
 """Helpers shared by the test modules (plain functions; fixtures live in conftest.py)."""
 
-import os
 import pathlib
 
 import jax
@@ -9,19 +8,8 @@ from vit_jax import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# The parity fixtures: ../shared/fixtures beside the checkout (as in CI), or $VIT_JAX_FIXTURES.
-FIXTURES = next(
-    (
-        p
-        for p in (
-            pathlib.Path(os.environ.get("VIT_JAX_FIXTURES", "/nonexistent")),
-            REPO / "shared" / "fixtures",
-            REPO.parent / "shared" / "fixtures",
-        )
-        if p.is_dir()
-    ),
-    None,
-)
+# The parity fixtures (small models written by other implementations; see fixtures/README.md).
+FIXTURES = REPO / "tests" / "fixtures"
 
 # A ViT small enough to compile in seconds on 2 CPU cores.
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=4, image_size=16)

@@ -20,7 +20,6 @@ import vit_jax
 from vit_jax import convert, transfer
 from vit_jax.formats import timm
 
-pytestmark = pytest.mark.skipif(FIXTURES is None, reason="parity fixtures not found")
 POSEMB = transfer.POSEMB_KEY
 
 

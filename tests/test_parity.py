@@ -1,4 +1,4 @@
-"""Parity with the implementations that wrote ../shared/fixtures, and lossless save → load round trips.
+"""Parity with the implementations that wrote tests/fixtures, and lossless save → load round trips.
 
 For every fixture: load its weights, reproduce its logits to 1e-4; then save in every format that can
 represent the model, load back, and get the same config, the same params and the same logits.
@@ -16,8 +16,6 @@ from safetensors.numpy import load_file
 import vit_jax
 from vit_jax import convert, transfer
 from vit_jax.models import VisionTransformer
-
-pytestmark = pytest.mark.skipif(FIXTURES is None, reason="parity fixtures not found")
 
 # fixture → (weights inside its folder, load_pretrained kwargs the format cannot provide itself).
 SOURCES = {

@@ -1,21 +1,18 @@
 """`python -m vit_jax.predict`: images in, top-k classes out, for every checkpoint format."""
 
 import json
-import pathlib
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from helpers import random_params
+from helpers import FIXTURES, REPO, random_params
 from PIL import Image
 
 import vit_jax
 from vit_jax import checkpoints, predict
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=1, patch_size=4, image_size=16)
 
 # fixture → (weights inside it, what the weights do not say)
@@ -24,8 +21,6 @@ FORMATS = {
     "timm_avg_reg4_layerscale_qknorm": ("model.safetensors", {"num_heads": 4}),
     "hf_vit": (".", {}),
 }
-
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -81,7 +76,6 @@ def parse_output(text: str) -> dict[str, list[tuple[float, str]]]:
 # --- The model path: exact inputs give the source's own probabilities --------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize("fixture", sorted(FORMATS))
 def test_predict_reproduces_fixture_probabilities(fixture):
     weights, overrides = FORMATS[fixture]
@@ -181,7 +175,6 @@ def test_cli_names_imagenet_classes_and_reads_label_files(imagenet_checkpoint, t
     assert code == 0 and "class" in out
 
 
-@needs_fixtures
 def test_cli_as_a_module_with_overrides(tmp_path):
     fixture = FIXTURES / "timm_token"
     image = write_png(tmp_path / "x.png", to_uint8(np.load(fixture / "images.npy")[0]))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import FIXTURES
 
 from configs import common
 from vit_jax import checkpoints, models, optim, sharding, train_state, train_step, trainer
@@ -282,12 +283,9 @@ def test_finetune_from_checkpoint_at_higher_resolution_and_other_class_count(
     assert result["step"] == 3 and result["eval"]["count"] == 37
 
 
-PUBLISHED_NPZ = os.path.join(
-    os.path.dirname(REPO), "shared", "fixtures", "vit_jax_token_prelogits", "params.npz"
-)
+PUBLISHED_NPZ = str(FIXTURES / "vit_jax_token_prelogits" / "params.npz")
 
 
-@pytest.mark.skipif(not os.path.exists(PUBLISHED_NPZ), reason="shared fixtures not present")
 def test_finetune_init_from_a_published_npz_drops_pre_logits_and_resizes():
     """A published-layout .npz (pre-logits, 10 classes, 16 px) → a 32 px, 5-class linear head."""
     config = tiny_config(image_size=32, init_from=PUBLISHED_NPZ)

@@ -27,6 +27,19 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics, config.json and curves.png."
 )
 flags.mark_flags_as_required(["config", "workdir"])
+# One process per host (see vit_jax/distributed.py): auto-detected on Cloud TPU, SLURM, Open MPI,
+# Kubernetes; these three start it by hand on bare machines.
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: HOST:PORT of process 0, the same on every process."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this one's id, 0..N-1.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_init_timeout", 300, "Seconds to wait for all processes to join at start-up."
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_heartbeat_timeout", 100, "Seconds after which a silent process counts as dead."
+)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -54,11 +67,28 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # Progress goes to stdout; Orbax alone logs dozens of INFO lines per checkpoint.
         logging.set_verbosity(logging.WARNING)
+    from vit_jax import distributed  # before any other JAX call
+
+    try:
+        distributed.initialize(
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            init_timeout_s=_INIT_TIMEOUT.value,
+            heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+        )
+    except distributed.DistributedError as e:
+        sys.exit(f"FATAL DistributedError: {e}")
     from vit_jax import train_state, trainer  # TensorFlow & co. load only once the flags are valid
 
     try:
         result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (trainer.NonFiniteLossError, train_state.InitCheckpointError, FileNotFoundError) as e:
+    except (
+        trainer.NonFiniteLossError,
+        train_state.InitCheckpointError,
+        FileNotFoundError,
+        distributed.DistributedError,
+    ) as e:
         # The user's to fix, and the message says how; a traceback would only bury it.
         sys.exit(f"FATAL {type(e).__name__}: {e}")
     if result["preempted"]:

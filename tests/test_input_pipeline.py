@@ -120,17 +120,36 @@ def test_sizes_come_from_dataset_info(digits_data_dir):
     assert data.image_shape == (8, 8, 1) and data.source_image_shape == (8, 8, 1)
 
 
-def test_one_epoch_is_each_example_once_and_processes_are_disjoint(digits_data_dir):
-    """Two simulated processes: first epochs are disjoint and together are the whole split."""
-    seen = collections.Counter()
-    config = make_config(digits_data_dir, shuffle_buffer_size=100)  # 7 blocks interleaved.
-    for process_index in range(2):
-        data = input_pipeline.get_datasets(config, process_index, 2)
-        share = data.num_train_examples // 2 + (process_index == 0)  # 1437 = 719 + 718.
-        batches = take(data.train_iter(), -(-share // data.local_batch_size))
-        images = np.concatenate([b["image"] for b in batches])[:share]
-        seen.update(pixels(images))
-    assert seen == collections.Counter(raw_pixels(digits_data_dir, "train"))
+def global_batches(config, process_count, steps, start_step=0):
+    """Each step's global batch: the processes' rows concatenated in process order."""
+    parts = [
+        take(input_pipeline.get_datasets(config, i, process_count).train_iter(start_step), steps)
+        for i in range(process_count)
+    ]
+    return [
+        {key: np.concatenate([p[step][key] for p in parts]) for key in parts[0][step]}
+        for step in range(steps)
+    ]
+
+
+def test_one_epoch_is_each_example_once_across_processes(digits_data_dir):
+    """Two simulated processes: the first 1437 rows of the global stream are the whole split."""
+    config = make_config(digits_data_dir)
+    batches = global_batches(config, 2, -(-1437 // 64))
+    images = np.concatenate([b["image"] for b in batches])[:1437]
+    assert collections.Counter(pixels(images)) == collections.Counter(
+        raw_pixels(digits_data_dir, "train")
+    )
+
+
+def test_global_batches_do_not_depend_on_the_process_count(digits_data_dir):
+    """Order, augmentation and mixup (neighbours across processes) as if on one process."""
+    config = make_config(digits_data_dir, **AUGMENTED)
+    single = global_batches(config, 1, 3, start_step=11)  # crosses the first epoch boundary
+    for process_count in (2, 4):
+        for step, (a, b) in enumerate(zip(single, global_batches(config, process_count, 3, 11))):
+            for key in ("image", "label"):
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{process_count} {step}")
 
 
 @pytest.mark.parametrize("process_count, eval_batch_size", [(1, 1000), (2, 14), (3, 33), (4, 100)])

@@ -45,14 +45,24 @@ Config fields (`default_data_config()` gives them all; `get_datasets` validates 
                       fraction of the shorter side, then resize (0.875 is the classic 256->224).
   pp.num_channels     1 or 3; grayscale images become 3-channel when 3 (and vice versa).
 
-Training order: each process reads its own `tfds.even_splits` share of the train split (the same
-shares as `tfds.split_for_jax_process`), undecoded. Epoch `e` of that share is a seeded
-interleave of contiguous blocks of it followed by a seeded shuffle buffer, both keyed on
-(seed, e); examples are decoded and augmented after shuffling with stateless random ops keyed on
-(seed, the example's index in the global stream). So the same seed gives the same batches, and
-`train_iter(start_step)` starts exactly where an uninterrupted run would be at that step: it
-begins at the right epoch directly and skips the examples before it inside that epoch in tf.data,
-reading but not decoding them (at most one epoch of raw records, no Python loop).
+Training order: one global stream of examples, the same whatever the topology. Step `s`'s global
+batch is the stream positions s*batch_size .. (s+1)*batch_size - 1, and process `i` of `n` yields
+only its rows i*b .. (i+1)*b - 1 of it (b = batch_size / n). Augmentation is keyed on (seed, the
+example's stream position) and mixup on (seed, step), with each example mixed with the one before
+it in the *global* batch, so the concatenation of the processes' batches at a step is the same on
+1 x 4, 2 x 2 or 4 x 1 (processes x devices) and `train_iter(start_step)` restarts exactly, on any
+process count. Which example sits at a position depends on how the split can be read:
+
+- random access (`Data.order == 'global'`): splits of up to `_IN_MEMORY_MAX_BYTES` (digits, CIFAR,
+  small image folders) are read once, undecoded, into memory; position p is example
+  `index_shuffle(p mod N)` of a permutation keyed on (seed, epoch p // N): one global shuffle per
+  epoch. `shuffle_buffer_size` is not used.
+- streaming (`Data.order == 'per_process'`, larger splits; logged): each process reads its own
+  `tfds.even_splits` share of the split, undecoded; epoch `e` of that share is a seeded interleave
+  of contiguous blocks followed by a seeded shuffle buffer, both keyed on (seed, e). Reproducible
+  and restartable for a fixed process count, but which examples a process sees depends on the
+  process count (and mixup pairs neighbours within a process's rows), so resuming on another
+  process count continues with another order (the trainer warns).
 
 Evaluation: each process reads its `tfds.even_splits` share of the eval split in order, pads the
 last batch with zero images whose mask is 0, and then adds fully-masked batches until it has
@@ -83,6 +93,8 @@ from vit_jax.datasets import image_folder_builder  # Also registers the `digits`
 with contextlib.suppress(RuntimeError):
     tf.config.set_visible_devices([], "GPU")
 
+_IN_MEMORY_MAX_BYTES = 256 * 2**20  # Train splits up to this size are held in memory: random access.
+_UNKNOWN_EXAMPLE_BYTES = 4096  # Size assumed per example where the dataset info gives none.
 _MAX_BLOCKS = 64  # Contiguous blocks interleaved per epoch: mixes files like shuffle_files.
 _EVAL_CACHE_BYTES = 512 * 2**20  # Keep preprocessed eval batches in memory up to this size.
 # Stream tags, so order, augmentation and mixup draw independent randomness from one seed.
@@ -233,16 +245,30 @@ class Data:
         self.num_eval_batches = math.ceil(biggest / self.local_eval_batch_size)
         self._seed = tf.constant([config.seed, 0], tf.int64)
         self._decoders = _decoders(builder)
-        self._train_blocks = self._make_train_blocks()
+        split_bytes = info.splits[config.train_split].num_bytes
+        split_bytes = split_bytes or self.num_train_examples * _UNKNOWN_EXAMPLE_BYTES
+        if split_bytes <= _IN_MEMORY_MAX_BYTES:
+            self.order = "global"
+            self._train_examples = self._read_in_memory(config.train_split)
+        else:
+            self.order = "per_process"
+            self._train_blocks = self._make_train_blocks()
+            logging.warning(
+                "Train split %s (%d bytes) is too large to hold in memory: each process streams "
+                "its own share, so the data order depends on the process count (resuming on "
+                "another count continues with another order).",
+                config.train_split,
+                split_bytes,
+            )
         self._eval_dataset = None  # Built once, so its in-memory cache lasts across passes.
         logging.info(
-            "Data %s: %d classes, train %s (%d examples, %d here), eval %s (%d, %d here); "
+            "Data %s: %d classes, train %s (%d examples, %s order), eval %s (%d, %d here); "
             "process %d/%d, local batch %d, local eval batch %d, %d eval batches.",
             config.dataset,
             self.num_classes,
             config.train_split,
             self.num_train_examples,
-            self._train.num_examples,
+            self.order,
             config.eval_split,
             self.num_eval_examples,
             self._eval.num_examples,
@@ -272,6 +298,11 @@ class Data:
             split=split, shuffle_files=False, decoders=self._decoders, read_config=read_config
         )
         return ds.map(_graph_fn(lambda ex: {"image": ex["image"], "label": ex["label"]}))
+
+    def _read_in_memory(self, split) -> dict[str, tf.Tensor]:
+        """The whole split, undecoded, as tensors indexed by example: what random access reads."""
+        parts = list(self._read(split).batch(4096).as_numpy_iterator())
+        return {k: tf.constant(np.concatenate([p[k] for p in parts])) for k in parts[0]}
 
     def _make_train_blocks(self) -> list[tuple[tf.data.Dataset, int]]:
         """This process's train share cut into contiguous blocks, read in stored order."""
@@ -312,6 +343,46 @@ class Data:
 
     def train_dataset(self, start_step: int = 0) -> tf.data.Dataset:
         """The tf.data pipeline behind `train_iter` (e.g. for benchmarks)."""
+        if self.order == "global":
+            return self._global_train_dataset(start_step)
+        return self._per_process_train_dataset(start_step)
+
+    def _example_at(self, position: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The (undecoded) example at a global stream position: a fresh permutation per epoch."""
+        n = self.num_train_examples
+        epoch, offset = position // n, position % n
+        seed = preprocess.fold_in(self._seed, _ORDER, epoch)
+        index = tf.random.experimental.index_shuffle(offset, seed, n - 1)
+        return {k: tf.gather(v, index) for k, v in self._train_examples.items()}
+
+    def _global_train_dataset(self, start_step: int) -> tf.data.Dataset:
+        pp = self.config.pp
+        batch, b = self.config.batch_size, self.local_batch_size
+        # With mixup, one more row: the example before our first one in the global batch, which
+        # the first one is mixed with (on another process, or the batch's last row wrapped round).
+        extra = 1 if pp.mixup_alpha > 0 else 0
+        rows = tf.range(self.process_index * b - extra, (self.process_index + 1) * b, dtype=tf.int64)
+        rows = rows % batch
+        augment = preprocess.make_train_fn(pp, self.config.image_size, self.num_classes)
+
+        def example(position):
+            seed = preprocess.fold_in(self._seed, _AUGMENT, position)
+            return augment(self._example_at(position), seed)
+
+        ds = tf.data.Dataset.counter(start_step).map(_graph_fn(lambda step: step * batch + rows))
+        ds = ds.unbatch().map(_graph_fn(example), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(b + extra, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
+        if extra:
+
+            def mix(step, rows_plus_one):
+                seed = preprocess.fold_in(self._seed, _MIXUP, step)
+                mixed = preprocess.mixup(rows_plus_one, seed, pp.mixup_alpha)
+                return {k: v[1:] for k, v in mixed.items()}  # row k was mixed with row k - 1
+
+            ds = tf.data.Dataset.zip((tf.data.Dataset.counter(start_step), ds)).map(_graph_fn(mix))
+        return _finish(ds)
+
+    def _per_process_train_dataset(self, start_step: int) -> tf.data.Dataset:
         pp = self.config.pp
         first = start_step * self.local_batch_size  # Position of the first example we yield.
         start_epoch, offset = divmod(first, self._train.num_examples)
@@ -332,7 +403,7 @@ class Data:
         if pp.mixup_alpha > 0:
 
             def mix(step, batch):
-                seed = preprocess.fold_in(self._seed, _MIXUP, step, self.process_index)
+                seed = preprocess.fold_in(self._seed, _MIXUP, step)  # one lam per global batch
                 return preprocess.mixup(batch, seed, pp.mixup_alpha)
 
             ds = tf.data.Dataset.zip((tf.data.Dataset.counter(start_step), ds)).map(_graph_fn(mix))

@@ -94,6 +94,10 @@ Devices:
                         sharded over 'fsdp' along its largest divisible dimension (ZeRO-3 style);
                         smaller ones stay replicated.
   fsdp_min_size         see above, in elements.
+  sharding_rules        ((regex, spec), ...) over parameter paths, first match wins; spec 'fsdp'
+                        (the default above), 'replicate', or a PartitionSpec tuple such as
+                        (None, 'fsdp'). Optimizer state follows its parameter. The start-up log
+                        says how many parameters / bytes ended up sharded (vit_jax/sharding_rules).
   prefetch_to_device    batches put on the devices ahead of the step (host→device overlap); 0 = off.
 
 Loop, evaluation, checkpoints, logs (all files go to the workdir):
@@ -203,6 +207,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Devices.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     config.fsdp_min_size = 2**14
+    config.sharding_rules = ()
     config.prefetch_to_device = 2
 
     # Loop, evaluation, checkpoints, logs.

@@ -93,7 +93,9 @@ from vit_jax.datasets import image_folder_builder  # Also registers the `digits`
 with contextlib.suppress(RuntimeError):
     tf.config.set_visible_devices([], "GPU")
 
-_IN_MEMORY_MAX_BYTES = 256 * 2**20  # Train splits up to this size are held in memory: random access.
+_IN_MEMORY_MAX_BYTES = (
+    256 * 2**20
+)  # Train splits up to this size are held in memory: random access.
 _UNKNOWN_EXAMPLE_BYTES = 4096  # Size assumed per example where the dataset info gives none.
 _MAX_BLOCKS = 64  # Contiguous blocks interleaved per epoch: mixes files like shuffle_files.
 _EVAL_CACHE_BYTES = 512 * 2**20  # Keep preprocessed eval batches in memory up to this size.
@@ -361,7 +363,9 @@ class Data:
         # With mixup, one more row: the example before our first one in the global batch, which
         # the first one is mixed with (on another process, or the batch's last row wrapped round).
         extra = 1 if pp.mixup_alpha > 0 else 0
-        rows = tf.range(self.process_index * b - extra, (self.process_index + 1) * b, dtype=tf.int64)
+        rows = tf.range(
+            self.process_index * b - extra, (self.process_index + 1) * b, dtype=tf.int64
+        )
         rows = rows % batch
         augment = preprocess.make_train_fn(pp, self.config.image_size, self.num_classes)
 

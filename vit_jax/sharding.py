@@ -90,17 +90,22 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> Partitio
     return PartitionSpec()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, fsdp_min_size: int) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, fsdp_min_size: int, rules=()) -> Any:
     """NamedSharding for every array leaf of `tree` (params, optimizer state, a whole train state).
 
-    Leaves only need `.shape` (ShapeDtypeStructs from `jax.eval_shape` are the usual input). Adam's
-    moments have the parameters' shapes, so they land on the same devices as their parameters.
+    `rules` are `config.sharding_rules` (see `vit_jax.sharding_rules`); with none, every array
+    gets the FSDP default (`fsdp_spec`). Leaves only need `.shape` (ShapeDtypeStructs from
+    `jax.eval_shape` are the usual input). Adam's moments take their parameters' specs, so they
+    land on the same devices as their parameters.
     """
-    fsdp_size = mesh.shape["fsdp"]
-    return jax.tree.map(
-        lambda leaf: NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), fsdp_size, fsdp_min_size)),
-        tree,
-    )
+    from vit_jax import sharding_rules
+
+    specs = sharding_rules.tree_specs(tree, dict(mesh.shape), fsdp_min_size, rules)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = "config.batch_size") -> None:

@@ -59,8 +59,8 @@ def state_shapes(model: models.VisionTransformer, tx: optax.GradientTransformati
     return jax.eval_shape(init)
 
 
-def state_shardings(shapes: dict, mesh: jax.sharding.Mesh, fsdp_min_size: int) -> dict:
-    return sharding_lib.tree_shardings(shapes, mesh, fsdp_min_size)
+def state_shardings(shapes: dict, mesh: jax.sharding.Mesh, fsdp_min_size: int, rules=()) -> dict:
+    return sharding_lib.tree_shardings(shapes, mesh, fsdp_min_size, rules)
 
 
 def init_state(

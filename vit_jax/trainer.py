@@ -26,9 +26,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
-from vit_jax import checkpoints, metrics, models, optim, train_state, train_step
+from vit_jax import checkpoints, distributed, metrics, models, optim, train_state, train_step
 from vit_jax import sharding as sharding_lib
 
 
@@ -196,6 +197,7 @@ def _initial_state(config, ckpt, model, tx, shapes, shardings) -> tuple[dict, in
         return train_state.init_state(model, tx, shardings, rng, params), 0
     state, data_state = ckpt.restore(checkpoints.abstract_with_shardings(shapes, shardings))
     step = int(data_state["step"])
+    _warn_on_topology_change(data_state)
     if int(jax.device_get(state["step"])) != step:
         raise ValueError(
             f"checkpoint {step} in {ckpt.directory} is inconsistent: its train state is at step "
@@ -205,6 +207,43 @@ def _initial_state(config, ckpt, model, tx, shapes, shardings) -> tuple[dict, in
     return state, step
 
 
+def _log_sharding(shapes, shardings, mesh) -> None:
+    """What FSDP did, in one line; `mesh.fsdp > 1` that shards nothing is worth a warning."""
+    from vit_jax import sharding_rules
+
+    specs = jax.tree.map(lambda s: s.spec, shardings)
+    line, any_sharded = sharding_rules.describe(shapes, specs, dict(mesh.shape))
+    metrics.log(line)
+    if mesh.shape["fsdp"] > 1 and not any_sharded:
+        message = (
+            f"mesh.fsdp={mesh.shape['fsdp']} but no parameter is sharded: every one is smaller "
+            f"than config.fsdp_min_size or matched a 'replicate' rule, so the 'fsdp' devices "
+            f"only split the batch. Lower config.fsdp_min_size to shard this model."
+        )
+        logging.warning(message)
+        metrics.log(f"WARNING {message}")
+
+
+def _warn_on_topology_change(data_state: dict) -> None:
+    """A checkpoint from another process count continues exactly only with random-access data."""
+    saved = data_state.get("process_count")
+    if saved is None or saved == jax.process_count():
+        return
+    if data_state.get("order") == "global":
+        metrics.log(
+            f"Resuming a {saved}-process checkpoint on {jax.process_count()} process(es): the "
+            f"data order is global, so training continues exactly as it would have"
+        )
+    else:
+        logging.warning(
+            "Resuming a %s-process checkpoint on %d process(es) with per-process data order "
+            "(the train split is streamed, not read at random): the examples seen from here on "
+            "differ from an uninterrupted run (some repeated, some skipped in this epoch).",
+            saved,
+            jax.process_count(),
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (or resume) as `config` says, evaluate, and write everything to `workdir`.
 
@@ -212,9 +251,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     steps this call ran, 'preempted': bool}.
     """
     workdir = checkpoints.absolute_path(workdir)
+    distributed.check_same_config(config)  # first: a differing config could fail on one only
     mesh = sharding_lib.make_mesh(config.mesh)
+    metrics.log(distributed.describe(mesh))
     _check_batch_sizes(config, mesh)
     data = _get_datasets(config)
+    distributed.check_shared_workdir(workdir)
     total_steps = total_steps_of(config, data.num_train_examples)
     model_config = train_state.model_config_for(
         config, data.num_classes, num_channels=data.image_shape[-1]
@@ -226,7 +268,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.optim, config.schedule, models.param_shapes(model), total_steps
     )
     shapes = train_state.state_shapes(model, tx)
-    shardings = train_state.state_shardings(shapes, mesh, config.fsdp_min_size)
+    shardings = train_state.state_shardings(
+        shapes, mesh, config.fsdp_min_size, config.get("sharding_rules", ())
+    )
+    _log_sharding(shapes, shardings, mesh)
 
     ckpt = checkpoints.TrainCheckpoints(
         workdir / "checkpoints", keep=config.keep_checkpoints, async_save=config.async_checkpoints
@@ -256,6 +301,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "dataset": str(config.dataset),
         "batch_size": config.batch_size,
         "seed": config.seed,
+        "order": data.order,  # 'global': the same batches on any topology
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
     }
 
     def save(step):
@@ -299,6 +347,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     eval_results = run_eval(step)
                 if preemption.should_stop(step):
                     metrics.log(f"Preempted (SIGTERM) at step {step}: saving a checkpoint")
+                    if jax.process_count() > 1:  # every process says where it stopped
+                        logging.warning("Process %d stops at step %d", jax.process_index(), step)
                     save(step)
                     preempted = True
                     break

@@ -1,0 +1,270 @@
+"""train.py as one process per host, with real processes on localhost (2 x 2 CPU devices vs 1 x 4).
+
+The same config and seed must give the same run on any topology: the per-step losses and final
+params of 2 processes x 2 devices equal those of 1 process x 4 devices; a checkpoint written by
+either resumes on the other and ends where the uninterrupted run ends; a SIGTERM to one process
+stops both at the same step with a checkpoint. Every child is bounded by a timeout and killed in
+`finally` (only the PIDs started here); ports are picked free at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from vit_jax import checkpoints
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT_S = 600  # per run of train.py (all its processes); ~30 s each on idle cores
+STEPS = 6
+
+# A tiny model on digits: what is tested is the plumbing, not the accuracy.
+TINY = [
+    "--config.model.hidden_size=16",
+    "--config.model.num_layers=1",
+    "--config.model.num_heads=1",
+    "--config.model.mlp_dim=32",
+    "--config.image_size=16",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=40",
+    "--config.total_epochs=0",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=0",
+    "--config.checkpoint_every_steps=3",
+    "--config.keep_checkpoints=5",
+    "--config.prefetch_to_device=0",
+    "--config.schedule.warmup_steps=2",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> str:
+    """One JAX persistent compilation cache for all the children: later runs skip compiling."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def child_env(devices: int, cache_dir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    return env
+
+
+class Run:
+    """`train.py` started as `processes` processes with `devices` CPU devices each."""
+
+    def __init__(self, workdir, processes, devices, data_dir, cache_dir, extra=(), logs=None):
+        self.workdir = pathlib.Path(workdir)
+        self.logs = [
+            pathlib.Path(logs or self.workdir.parent) / f"{self.workdir.name}.{i}.log"
+            for i in range(processes)
+        ]
+        port = free_port()
+        self.procs = []
+        for i in range(processes):
+            args = [
+                sys.executable,
+                str(ROOT / "train.py"),
+                f"--config={ROOT / 'configs' / 'digits.py'}",
+                f"--workdir={self.workdir}",
+                f"--config.data_dir={data_dir}",
+                *TINY,
+                *extra,
+            ]
+            if processes > 1:
+                args += [
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    f"--num_processes={processes}",
+                    f"--process_id={i}",
+                    "--distributed_init_timeout=120",
+                ]
+            with open(self.logs[i], "w") as log:
+                self.procs.append(
+                    subprocess.Popen(
+                        args,
+                        cwd=ROOT,
+                        env=child_env(devices, cache_dir),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+
+    def output(self, i: int = 0) -> str:
+        return self.logs[i].read_text()
+
+    def wait(self, timeout: float = TIMEOUT_S) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in self.procs]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"train.py did not finish in {timeout} s:\n{self.output()[-3000:]}")
+
+    def kill(self) -> None:
+        for p in self.procs:  # only the children this Run started
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def check(self) -> None:
+        codes = self.wait()
+        assert codes == [0] * len(codes), "\n".join(
+            f"process {i} exit {c}:\n{self.output(i)[-3000:]}" for i, c in enumerate(codes)
+        )
+
+
+def run(tmp_path, name, processes, devices, data_dir, cache_dir, extra=()) -> pathlib.Path:
+    workdir = tmp_path / name
+    r = Run(workdir, processes, devices, data_dir, cache_dir, extra)
+    try:
+        r.check()
+    finally:
+        r.kill()
+    return workdir
+
+
+def train_losses(workdir) -> dict[int, float]:
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}  # last write wins
+
+
+def final_params(workdir):
+    _, params = checkpoints.read_model(workdir)
+    return params
+
+
+def assert_same_params(a, b, rtol=1e-5, atol=1e-6):
+    """Equal to float tolerance. The absolute part is for parameters that only ever receive
+    rounding noise as gradient (the attention key bias: softmax ignores it), which Adam turns into
+    steps of ~learning-rate size in random directions; they stay near 0 (|x| < 1e-6)."""
+    import jax
+
+    flat_a = jax.tree_util.tree_leaves_with_path(a)
+    flat_b = jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def copy_checkpoint(src_workdir, step, dst_workdir) -> None:
+    """A workdir holding only `src_workdir`'s checkpoint of `step`: where a resumed run starts."""
+    (dst_workdir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        src_workdir / "checkpoints" / str(step), dst_workdir / "checkpoints" / str(step)
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory, digits_data_dir, compile_cache):
+    """The same 6 steps on 1 process x 4 devices and on 2 processes x 2 devices."""
+    tmp = tmp_path_factory.mktemp("runs")
+    extra = [f"--config.total_steps={STEPS}"]
+    one = run(tmp, "one_by_four", 1, 4, digits_data_dir, compile_cache, extra)
+    two = run(tmp, "two_by_two", 2, 2, digits_data_dir, compile_cache, extra)
+    return tmp, one, two
+
+
+def test_two_processes_train_exactly_like_one(reference_runs):
+    _, one, two = reference_runs
+    losses_one, losses_two = train_losses(one), train_losses(two)
+    assert sorted(losses_one) == sorted(losses_two) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(
+        [losses_two[s] for s in sorted(losses_two)],
+        [losses_one[s] for s in sorted(losses_one)],
+        rtol=1e-5,
+    )
+    assert_same_params(final_params(two), final_params(one))
+    # Only process 0 writes logs: one TensorBoard file, one metrics line per step.
+    assert len(list(two.glob("events.out.tfevents.*"))) == 1
+    assert "Topology: 2 process(es)" in (two.parent / "two_by_two.0.log").read_text()
+    assert "2 local / 4 global cpu devices" in (two.parent / "two_by_two.0.log").read_text()
+    assert (two.parent / "two_by_two.1.log").read_text().count("step ") == 0
+
+
+@pytest.mark.parametrize(
+    "source, processes, devices", [("two_by_two", 1, 4), ("one_by_four", 2, 2)]
+)
+def test_checkpoint_resumes_on_another_process_count(
+    reference_runs, digits_data_dir, compile_cache, source, processes, devices
+):
+    tmp, one, _ = reference_runs
+    resumed = tmp / f"from_{source}_on_{processes}"
+    copy_checkpoint(tmp / source, 3, resumed)
+    run(
+        tmp,
+        resumed.name,
+        processes,
+        devices,
+        digits_data_dir,
+        compile_cache,
+        [f"--config.total_steps={STEPS}"],
+    )
+    log = (tmp / f"{resumed.name}.0.log").read_text()
+    assert "Resuming from the checkpoint of step 3" in log
+    assert "continues exactly" in log
+    losses, reference = train_losses(resumed), train_losses(one)
+    assert sorted(losses) == [4, 5, 6]
+    np.testing.assert_allclose(
+        [losses[s] for s in (4, 5, 6)], [reference[s] for s in (4, 5, 6)], rtol=1e-5
+    )
+    assert_same_params(final_params(resumed), final_params(one))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(
+    tmp_path, digits_data_dir, compile_cache
+):
+    workdir = tmp_path / "preempted"
+    r = Run(
+        workdir,
+        2,
+        2,
+        digits_data_dir,
+        compile_cache,
+        ["--config.total_steps=100000", "--config.checkpoint_every_steps=0"],
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while "step " not in r.output(0):  # training has started on both (they step together)
+            assert time.monotonic() < deadline, r.output(0)[-3000:]
+            assert all(p.poll() is None for p in r.procs), r.output(0)[-3000:] + r.output(1)
+            time.sleep(0.5)
+        r.procs[1].send_signal(signal.SIGTERM)
+        r.check()
+    finally:
+        r.kill()
+    stops = []
+    for i in range(2):
+        lines = [line for line in r.output(i).splitlines() if f"Process {i} stops at step" in line]
+        assert len(lines) == 1, r.output(i)[-3000:]
+        stops.append(int(lines[0].rsplit(" ", 1)[1]))
+    assert stops[0] == stops[1]
+    assert f"Preempted (SIGTERM) at step {stops[0]}" in r.output(0)
+    assert checkpoints.TrainCheckpoints(workdir / "checkpoints").all_steps() == [stops[0]]
+    assert final_params(workdir)  # the checkpoint is whole and readable

@@ -1,0 +1,94 @@
+"""vit_jax.sharding_rules: config rules → PartitionSpecs for params and optimizer state, and the report.
+
+Specs are computed from shapes and the mesh's axis sizes alone, so no devices are needed here.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from vit_jax import sharding_rules
+
+MESH = {"data": 2, "fsdp": 4}
+KERNEL = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
+
+
+def state_shapes():
+    params = {
+        "Transformer": {
+            "encoderblock_0": {
+                "MlpBlock_3": {
+                    "Dense_0": {
+                        "kernel": jnp.zeros((64, 256)),  # 16,384 elements
+                        "bias": jnp.zeros((256,)),
+                    }
+                }
+            }
+        },
+        "pos_embedding": jnp.zeros((1, 64, 64)),  # 4,096
+        "head": {"kernel": jnp.zeros((64, 10))},  # 640; 10 does not divide by 4
+    }
+    tx = optax.adamw(1e-3)
+    return jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params), "step": 0})
+
+
+def mlp(tree):
+    return tree["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]
+
+
+def test_default_fsdp_rule_cuts_the_largest_divisible_dim_above_the_threshold():
+    specs = sharding_rules.tree_specs(state_shapes(), MESH, min_size=4096)
+    assert mlp(specs["params"])["kernel"] == P(None, "fsdp")
+    assert mlp(specs["params"])["bias"] == P()  # 256 < 4096
+    assert specs["params"]["pos_embedding"] == P(None, "fsdp", None)  # first of the largest
+    assert specs["params"]["head"]["kernel"] == P()  # 640 < 4096
+    mu = specs["opt_state"][0].mu  # Adam's moments take their parameter's spec
+    assert mlp(mu)["kernel"] == P(None, "fsdp") and mu["pos_embedding"] == P(None, "fsdp", None)
+    assert specs["opt_state"][0].count == P()
+
+
+def test_rules_first_match_wins_and_optimizer_state_follows():
+    rules = (
+        ("pos_embedding", "replicate"),
+        ("Dense_0/kernel$", ("fsdp", None)),
+        ("kernel$", "replicate"),  # never reached for the MLP kernel: the rule above wins
+    )
+    specs = sharding_rules.tree_specs(state_shapes(), MESH, min_size=0, rules=rules)
+    assert mlp(specs["params"])["kernel"] == P("fsdp", None)
+    assert specs["params"]["pos_embedding"] == P()
+    assert specs["params"]["head"]["kernel"] == P()
+    assert mlp(specs["params"])["bias"] == P("fsdp")  # no rule: the fsdp default (min_size 0)
+    for moment in (specs["opt_state"][0].mu, specs["opt_state"][0].nu):
+        assert mlp(moment)["kernel"] == P("fsdp", None) and moment["pos_embedding"] == P()
+
+
+def test_describe_counts_what_is_sharded():
+    shapes = state_shapes()
+    specs = sharding_rules.tree_specs(shapes, MESH, min_size=4096)
+    line, any_sharded = sharding_rules.describe(shapes, specs, MESH)
+    # kernel 16,384 + pos_embedding 4,096 are cut 4 ways; bias 256 and head 640 are not.
+    assert any_sharded
+    assert "2 of 4 parameter arrays" in line and "20,480 of 21,376 parameters" in line
+    # Per device: params + mu + nu, sharded ones / 4 (float32), + the Adam count (int32).
+    per_device = 3 * 4 * (20_480 / 4 + 896) + 4
+    assert f"per device {per_device / 1024:.1f} KiB" in line
+    nothing = sharding_rules.tree_specs(shapes, MESH, min_size=10**9)
+    assert sharding_rules.describe(shapes, nothing, MESH)[1] is False
+
+
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ((("kernel",),), r"expected a \(regex, spec\) pair"),
+        ((("(", "fsdp"),), "bad regex"),
+        ((("kernel", "shard"),), "allowed strings are"),
+        ((("kernel", ("model", None)),), "must be None or mesh axes"),
+        (((KERNEL, (None, None, "fsdp")),), "has 3 entries but"),
+        ((("head/kernel", (None, "fsdp")),), "must divide evenly"),
+    ],
+)
+def test_bad_rules_are_clear_errors(rules, message):
+    with pytest.raises(ValueError, match=message):
+        sharding_rules.tree_specs(state_shapes(), MESH, min_size=0, rules=rules)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 import uuid
 
 import jax
@@ -125,6 +126,12 @@ def initialize(
             return
         how, kwargs = f"auto-detected ({cluster})", {}
     logging.info("Starting jax.distributed: %s", how)
+    if given and process_id != 0:
+        # JAX aborts the whole process (no exception) when it cannot reach the coordinator; a
+        # plain TCP probe first turns the common case into one clear line, within the timeout.
+        started = time.monotonic()
+        _wait_for_coordinator(coordinator_address, init_timeout_s)
+        init_timeout_s = max(1, int(init_timeout_s - (time.monotonic() - started)))
     try:
         jax.distributed.initialize(
             **kwargs,
@@ -139,6 +146,25 @@ def initialize(
             f"count, that process 0 is running, and that its port is reachable from this host."
         ) from None
     _check_task_count()
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Returns once something listens at `address` (process 0's coordinator); else raises."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"coordinator {address} unreachable for {timeout_s} s "
+                    f"(--distributed_init_timeout): {e}. Start process 0 (it hosts the "
+                    f"coordinator) with the same --coordinator_address, and check that its host "
+                    f"and port are reachable from here."
+                ) from None
+            time.sleep(0.5)
 
 
 def _check_task_count() -> None:

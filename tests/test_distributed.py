@@ -1,0 +1,166 @@
+"""vit_jax.distributed start-up and the trainer's bad-input checks: clear errors before any step.
+
+The multi-process runs themselves are in test_multiprocess.py; here everything is one process.
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import ml_collections
+import pytest
+
+from vit_jax import distributed
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_processes=2), "given without --coordinator_address, --process_id"),
+        (dict(coordinator_address="h:1", process_id=0), "without --num_processes"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=2), "must be in 0..1"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=-1), "must be in 0..1"),
+        (dict(coordinator_address="h:1", num_processes=0, process_id=0), "at least 1"),
+        (dict(coordinator_address="host", num_processes=2, process_id=0), "must be HOST:PORT"),
+        (dict(init_timeout_s=0), "timeouts must be positive"),
+    ],
+)
+def test_inconsistent_flags_are_refused_before_jax_starts(kwargs, message):
+    with pytest.raises(distributed.DistributedError, match=message):
+        distributed.initialize(**kwargs)
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "SLURM_JOB_ID",
+        "OMPI_MCA_orte_hnp_uri",
+        "KUBERNETES_SERVICE_HOST",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    for var, _ in distributed._TASK_COUNT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+
+
+def test_single_process_without_a_scheduler_starts_nothing(no_cluster):
+    distributed.initialize()  # nothing to do, nothing raised
+    assert distributed.scheduler_task_count() is None
+
+
+@pytest.mark.parametrize(
+    "var, value, scheduler",
+    [("SLURM_NTASKS", "4", "SLURM"), ("OMPI_COMM_WORLD_SIZE", "2", "Open MPI")],
+)
+def test_scheduler_with_several_tasks_but_one_jax_process_is_an_error(
+    no_cluster, monkeypatch, var, value, scheduler
+):
+    # e.g. `sbatch --ntasks=4` running `python train.py` once, without srun: JAX cannot detect the
+    # cluster, and each task would silently train alone.
+    monkeypatch.setenv(var, value)
+    with pytest.raises(distributed.DistributedError, match=f"{scheduler}.*started {value} tasks"):
+        distributed.initialize()
+
+
+def test_one_task_under_a_scheduler_is_a_plain_single_process_run(no_cluster, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    distributed.initialize()
+
+
+def test_config_hash_sees_any_difference():
+    a = ml_collections.ConfigDict({"seed": 0, "optim": {"learning_rate": 1e-3}})
+    b = ml_collections.ConfigDict({"optim": {"learning_rate": 1e-3}, "seed": 0})
+    c = ml_collections.ConfigDict({"seed": 0, "optim": {"learning_rate": 2e-3}})
+    assert distributed.config_hash(a) == distributed.config_hash(b)  # order does not matter
+    assert distributed.config_hash(a) != distributed.config_hash(c)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_coordinator_is_one_line_after_a_bounded_wait(tmp_path):
+    workdir = tmp_path / "w"
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"--config={ROOT / 'configs' / 'digits.py'}",
+        f"--workdir={workdir}",
+        f"--coordinator_address=127.0.0.1:{free_port()}",  # nothing listens there
+        "--num_processes=2",
+        "--process_id=1",
+        "--distributed_init_timeout=3",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    start = time.monotonic()
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    waited = time.monotonic() - start
+    assert proc.returncode != 0
+    fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
+    assert len(fatal) == 1 and "unreachable for 3 s" in fatal[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not workdir.exists()
+    assert waited < 240  # bounded (most of it is Python start-up on a loaded machine)
+
+
+BAD_MESH_AND_BATCH = """
+import pathlib, sys
+sys.path.insert(0, {root!r})
+import jax
+from configs import digits
+from vit_jax import trainer
+assert jax.device_count() == 4
+workdir = pathlib.Path({workdir!r})
+for field, value, message in [
+    ("mesh.data", 3, "needs 3 devices but there are 4"),
+    ("batch_size", 6, "batch_size=6 must be a positive multiple of the 4 devices"),
+]:
+    config = digits.get_config()
+    config.data_dir = {data_dir!r}
+    if field == "mesh.data":
+        config.mesh.data = value
+    else:
+        config.batch_size = value
+    try:
+        trainer.train_and_evaluate(config, workdir)
+    except ValueError as e:
+        assert message in str(e), str(e)
+    else:
+        raise AssertionError("no error for " + field)
+    assert sorted(p.name for p in workdir.iterdir()) == ["keep.txt"], list(workdir.iterdir())
+print("OK")
+"""
+
+
+def test_mesh_and_batch_that_do_not_fit_the_devices_fail_before_anything_is_written(
+    tmp_path, digits_data_dir
+):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("the user's")
+    code = BAD_MESH_AND_BATCH.format(root=str(ROOT), workdir=str(workdir), data_dir=digits_data_dir)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    assert (workdir / "keep.txt").read_text() == "the user's"

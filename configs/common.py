@@ -17,7 +17,9 @@ Data (read by `vit_jax.input_pipeline`):
   eval_batch_size       global eval batch; the last partial batch is padded and masked.
   seed                  seeds data order/augmentation and the model's init/dropout; same seed, same
                         run.
-  shuffle_buffer_size   tf.data shuffle buffer, in examples.
+  shuffle_buffer_size   tf.data shuffle buffer, in examples; only for train splits too large for
+                        random access (> 256 MiB), which are streamed per process. Smaller ones
+                        get one global permutation per epoch, the same on any topology.
   skip_corrupt_images   image folders: skip (and count) files that do not decode instead of failing.
   pp.crop_area_range    Inception random-resized-crop area range, fractions of the image; None =
                         resize the whole image.

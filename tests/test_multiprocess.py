@@ -79,7 +79,9 @@ def child_env(devices: int, cache_dir: str) -> dict[str, str]:
 class Run:
     """`train.py` started as `processes` processes with `devices` CPU devices each."""
 
-    def __init__(self, workdir, processes, devices, data_dir, cache_dir, extra=(), logs=None):
+    def __init__(
+        self, workdir, processes, devices, data_dir, cache_dir, extra=(), logs=None, only=None
+    ):
         self.workdir = pathlib.Path(workdir)
         self.logs = [
             pathlib.Path(logs or self.workdir.parent) / f"{self.workdir.name}.{i}.log"
@@ -96,6 +98,7 @@ class Run:
                 f"--config.data_dir={data_dir}",
                 *TINY,
                 *extra,
+                *(only or {}).get(i, ()),  # arguments for process i alone
             ]
             if processes > 1:
                 args += [
@@ -268,3 +271,22 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(
     assert f"Preempted (SIGTERM) at step {stops[0]}" in r.output(0)
     assert checkpoints.TrainCheckpoints(workdir / "checkpoints").all_steps() == [stops[0]]
     assert final_params(workdir)  # the checkpoint is whole and readable
+
+
+def test_different_configs_on_different_processes_stop_before_anything(
+    tmp_path, digits_data_dir, compile_cache
+):
+    workdir = tmp_path / "mismatch"
+    # Process 1 gets another seed: what a typo in one host's command line does.
+    only = {1: ["--config.seed=1"]}
+    r = Run(workdir, 2, 2, digits_data_dir, compile_cache, ["--config.total_steps=6"], only=only)
+    try:
+        codes = r.wait()
+    finally:
+        r.kill()
+    assert codes[0] != 0 and codes[1] != 0
+    for i in range(2):
+        fatal = [line for line in r.output(i).splitlines() if line.startswith("FATAL")]
+        assert len(fatal) == 1 and "config differs between processes" in fatal[0], r.output(i)
+        assert "process(es) [1] do not match process 0" in fatal[0]
+    assert not workdir.exists()

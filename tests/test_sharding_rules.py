@@ -92,3 +92,27 @@ def test_describe_counts_what_is_sharded():
 def test_bad_rules_are_clear_errors(rules, message):
     with pytest.raises(ValueError, match=message):
         sharding_rules.tree_specs(state_shapes(), MESH, min_size=0, rules=rules)
+
+
+class _Placed:
+    """Stands in for a NamedSharding (a tree leaf with a .spec): no devices needed."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+
+class _Mesh:
+    shape = MESH
+
+
+def test_trainer_logs_what_was_sharded_and_warns_when_fsdp_shards_nothing(capsys):
+    from vit_jax import trainer
+
+    shapes = state_shapes()
+    for min_size, expected in ((4096, "2 of 4 parameter arrays"), (10**9, "0 of 4 parameter")):
+        specs = sharding_rules.tree_specs(shapes, MESH, min_size=min_size)
+        placed = jax.tree.map(_Placed, specs, is_leaf=lambda x: isinstance(x, P))
+        trainer._log_sharding(shapes, placed, _Mesh())
+        out = capsys.readouterr().out
+        assert f"Sharding: {expected}" in out
+        assert ("WARNING mesh.fsdp=4 but no parameter is sharded" in out) == (min_size == 10**9)

@@ -3,7 +3,8 @@
 Layout: `<workdir>/checkpoints/<step>/` holds three items:
   state         {'params', 'opt_state', 'step'}: the arrays, sharded as they were (OCDBT/Zarr);
   model_config  JSON of `ViTConfig.to_dict()`, so a checkpoint says what model it belongs to;
-  data_state    JSON, e.g. {'step': 1200, ...}: where the input pipeline resumes.
+  data_state    JSON, e.g. {"step": 1200, "order": "global", "process_count": 2, ...}: where the
+                input pipeline resumes, and the topology that wrote it.
 Every process calls save/restore (Orbax coordinates the hosts; each writes its own shards).
 """
 

@@ -359,3 +359,30 @@ def test_unprepared_dataset_that_cannot_download(no_pipeline, tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="'cifar10' is not prepared in .*no network") as error:
         input_pipeline.get_datasets(config, 0, 1)
     assert "tfds build cifar10 --data_dir=DIR" in str(error.value)
+
+
+def test_array_record_data_source_gives_the_same_global_batches(
+    digits_data_dir, tmp_path, monkeypatch
+):
+    """A split too large for memory is read by index from ArrayRecord: the same order as in memory."""
+    config = make_config(digits_data_dir, **AUGMENTED)
+    in_memory = global_batches(config, 1, 2, start_step=12)
+    array_record_dir = str(tmp_path / "array_record")
+    tfds.builder(
+        "digits", data_dir=array_record_dir, file_format="array_record"
+    ).download_and_prepare()
+    monkeypatch.setattr(input_pipeline, "_IN_MEMORY_MAX_BYTES", 0)
+    config = make_config(array_record_dir, **AUGMENTED)
+    assert input_pipeline.get_datasets(config, 0, 2).order == "global"
+    from_source = global_batches(config, 2, 2, start_step=12)
+    for a, b in zip(in_memory, from_source, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_large_tfrecord_split_streams_per_process_and_says_so(digits_data_dir, monkeypatch, caplog):
+    monkeypatch.setattr(input_pipeline, "_IN_MEMORY_MAX_BYTES", 0)
+    data = input_pipeline.get_datasets(make_config(digits_data_dir), 1, 2)
+    assert data.order == "per_process"
+    assert "not ArrayRecord (no random access)" in caplog.text
+    assert next(data.train_iter())["image"].shape == (32, 8, 8, 1)

@@ -54,10 +54,12 @@ it in the *global* batch, so the concatenation of the processes' batches at a st
 process count. Which example sits at a position depends on how the split can be read:
 
 - random access (`Data.order == 'global'`): splits of up to `_IN_MEMORY_MAX_BYTES` (digits, CIFAR,
-  small image folders) are read once, undecoded, into memory; position p is example
+  small image folders) are read once, undecoded, into memory, and larger ones stored as ArrayRecord
+  (`tfds build --file_format=array_record`) are read by index through TFDS `data_source`;
+  position p is example
   `index_shuffle(p mod N)` of a permutation keyed on (seed, epoch p // N): one global shuffle per
   epoch. `shuffle_buffer_size` is not used.
-- streaming (`Data.order == 'per_process'`, larger splits; logged): each process reads its own
+- streaming (`Data.order == 'per_process'`, larger TFRecord splits; logged): each process reads its own
   `tfds.even_splits` share of the split, undecoded; epoch `e` of that share is a seeded interleave
   of contiguous blocks followed by a seeded shuffle buffer, both keyed on (seed, e). Reproducible
   and restartable for a fixed process count, but which examples a process sees depends on the
@@ -249,16 +251,21 @@ class Data:
         self._decoders = _decoders(builder)
         split_bytes = info.splits[config.train_split].num_bytes
         split_bytes = split_bytes or self.num_train_examples * _UNKNOWN_EXAMPLE_BYTES
+        self._train_examples = self._train_source = None
         if split_bytes <= _IN_MEMORY_MAX_BYTES:
             self.order = "global"
             self._train_examples = self._read_in_memory(config.train_split)
+        elif info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            self.order = "global"  # TFDS data_source: any example by index, from the files
+            self._train_source = self._open_data_source(config.train_split)
         else:
             self.order = "per_process"
             self._train_blocks = self._make_train_blocks()
             logging.warning(
-                "Train split %s (%d bytes) is too large to hold in memory: each process streams "
-                "its own share, so the data order depends on the process count (resuming on "
-                "another count continues with another order).",
+                "Train split %s (%d bytes) is too large to hold in memory and is not ArrayRecord "
+                "(no random access): each process streams its own share, so the data order "
+                "depends on the process count (resuming on another count continues with another "
+                "order). `tfds build --file_format=array_record` gives a global order.",
                 config.train_split,
                 split_bytes,
             )
@@ -305,6 +312,30 @@ class Data:
         """The whole split, undecoded, as tensors indexed by example: what random access reads."""
         parts = list(self._read(split).batch(4096).as_numpy_iterator())
         return {k: tf.constant(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+
+    def _open_data_source(self, split):
+        feature = self.builder.info.features["image"]
+        skip = isinstance(feature, tfds.features.Image)  # keep encoded: decoded after indexing
+        source = self.builder.as_data_source(
+            split, decoders={"image": tfds.decode.SkipDecoding()} if skip else None
+        )
+        image_spec = (tf.string, ()) if skip else (tf.uint8, feature.shape)
+        return source, image_spec
+
+    def _fetch(self, index: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Example `index` of the train split, from memory or from the data source."""
+        if self._train_examples is not None:
+            return {k: tf.gather(v, index) for k, v in self._train_examples.items()}
+        source, (image_dtype, image_shape) = self._train_source
+
+        def read(i):
+            example = source[int(i)]
+            return np.asarray(example["image"]), np.int64(example["label"])
+
+        image, label = tf.numpy_function(read, [index], [image_dtype, tf.int64], stateful=False)
+        image.set_shape(image_shape)
+        label.set_shape(())
+        return {"image": image, "label": label}
 
     def _make_train_blocks(self) -> list[tuple[tf.data.Dataset, int]]:
         """This process's train share cut into contiguous blocks, read in stored order."""
@@ -354,8 +385,7 @@ class Data:
         n = self.num_train_examples
         epoch, offset = position // n, position % n
         seed = preprocess.fold_in(self._seed, _ORDER, epoch)
-        index = tf.random.experimental.index_shuffle(offset, seed, n - 1)
-        return {k: tf.gather(v, index) for k, v in self._train_examples.items()}
+        return self._fetch(tf.random.experimental.index_shuffle(offset, seed, n - 1))
 
     def _global_train_dataset(self, start_step: int) -> tf.data.Dataset:
         pp = self.config.pp

@@ -218,7 +218,11 @@ def main(argv=None) -> None:
         model = models.VisionTransformer(get_config(variant, image_size=224, num_classes=1000))
         count = models.count_params(models.param_shapes(model))
         cells = [compiled_state_bytes(variant, f, f) / 2**30 for f in fsdps]
-        print(f"| {variant} | {count / 1e6:.0f}M | " + " | ".join(f"{c:.2f} GiB" for c in cells) + " |")
+        print(
+            f"| {variant} | {count / 1e6:.0f}M | "
+            + " | ".join(f"{c:.2f} GiB" for c in cells)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

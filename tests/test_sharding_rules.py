@@ -116,3 +116,44 @@ def test_trainer_logs_what_was_sharded_and_warns_when_fsdp_shards_nothing(capsys
         out = capsys.readouterr().out
         assert f"Sharding: {expected}" in out
         assert ("WARNING mesh.fsdp=4 but no parameter is sharded" in out) == (min_size == 10**9)
+
+
+MEMORY_TABLE_CHECK = """
+import sys
+sys.path.insert(0, {root!r})
+from vit_jax import models, sharding_rules
+from vit_jax.model_config import get_config
+count = models.count_params(models.param_shapes(models.VisionTransformer(
+    get_config("Ti/16", image_size=224, num_classes=1000))))
+one, four = (sharding_rules.compiled_state_bytes("Ti/16", f, f) for f in (1, 4))
+print(count, one, four)
+"""
+
+
+@pytest.mark.slow  # a second JAX process with 4 simulated devices and two compilations
+def test_memory_table_numbers_come_from_the_compiled_state():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "PYTHONPATH": root,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_TABLE_CHECK.format(root=root)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, one, four = map(int, proc.stdout.split()[-3:])
+    # float32 params + AdamW's two moments, whole on every device; then ~a quarter of that.
+    assert one == pytest.approx(3 * 4 * count, rel=1e-3)
+    assert one / 4 <= four < one / 4 * 1.05

@@ -178,6 +178,22 @@ def _check_task_count() -> None:
         )
 
 
+def barrier(name: str, timeout_s: int = 600) -> None:
+    """All processes wait here for each other, through the coordination service (no device work).
+
+    XLA's CPU collectives (gloo) give a process only 30 s to join a new collective, so processes
+    that reach their first step far apart (one still compiling on a loaded host) would fail there;
+    meeting here first keeps them within one compilation of each other.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(f"vit_jax:{name}", timeout_in_ms=timeout_s * 1000)
+
+
 def describe(mesh: jax.sharding.Mesh) -> str:
     """The run's topology in one line: processes, devices, mesh."""
     return (

@@ -323,6 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return results
 
     eval_results, last_eval_step, preempted, step = None, None, False, start_step
+    distributed.barrier("train loop")  # start the first step (and its compile) together
     batches = sharding_lib.prefetch_to_device(
         data.train_iter(start_step=start_step), mesh, config.prefetch_to_device
     )

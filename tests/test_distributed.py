@@ -164,3 +164,19 @@ def test_mesh_and_batch_that_do_not_fit_the_devices_fail_before_anything_is_writ
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
     assert (workdir / "keep.txt").read_text() == "the user's"
+
+
+@pytest.mark.parametrize(
+    "order, expected",
+    [("global", "continues exactly as it would have"), ("per_process", "examples seen from here")],
+)
+def test_resuming_on_another_process_count_says_whether_it_is_exact(
+    order, expected, capsys, caplog
+):
+    from vit_jax import trainer
+
+    trainer._warn_on_topology_change({"process_count": 4, "order": order, "step": 10})
+    assert expected in capsys.readouterr().out + caplog.text
+    caplog.clear()
+    trainer._warn_on_topology_change({"process_count": 1, "order": order, "step": 10})  # same count
+    assert capsys.readouterr().out == "" and caplog.text == ""

@@ -290,3 +290,31 @@ def test_different_configs_on_different_processes_stop_before_anything(
         assert len(fatal) == 1 and "config differs between processes" in fatal[0], r.output(i)
         assert "process(es) [1] do not match process 0" in fatal[0]
     assert not workdir.exists()
+
+
+def test_a_workdir_not_shared_by_every_process_is_named_before_anything(
+    tmp_path, digits_data_dir, compile_cache
+):
+    # Process 1 sees another directory: what a per-host local disk path does on a real cluster.
+    elsewhere = tmp_path / "elsewhere"
+    only = {1: [f"--workdir={elsewhere}"]}
+    r = Run(
+        tmp_path / "shared",
+        2,
+        2,
+        digits_data_dir,
+        compile_cache,
+        ["--config.total_steps=6"],
+        only=only,
+    )
+    try:
+        codes = r.wait()
+    finally:
+        r.kill()
+    assert codes[0] != 0 and codes[1] != 0
+    for i in range(2):
+        fatal = [line for line in r.output(i).splitlines() if line.startswith("FATAL")]
+        assert len(fatal) == 1 and "is not shared: process(es) [1]" in fatal[0], r.output(i)
+    # Nothing but the (removed) check token was ever written: no config, logs or checkpoints.
+    assert list((tmp_path / "shared").iterdir()) == []
+    assert not elsewhere.exists() or list(elsewhere.iterdir()) == []

@@ -30,7 +30,7 @@ Config fields (`default_data_config()` gives them all; `get_datasets` validates 
   image_size          side of the square images the model sees.
   batch_size, eval_batch_size   global; each must divide by the process count.
   seed                everything random (order, augmentation, mixup) derives from it.
-  shuffle_buffer_size examples per process in the shuffle buffer.
+  shuffle_buffer_size examples per process in the shuffle buffer (streamed splits only).
   skip_corrupt_images image folders: skip (and log) undecodable files instead of raising.
   pp.crop_area_range  Inception crop: fraction of the image area kept, e.g. (0.05, 1.0);
                       None: resize the whole image.

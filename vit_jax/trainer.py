@@ -301,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "dataset": str(config.dataset),
         "batch_size": config.batch_size,
         "seed": config.seed,
-        "order": data.order,  # 'global': the same batches on any topology
+        # "global": the same batches on any topology (data objects without it: unknown)
+        "order": getattr(data, "order", None),
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
     }

@@ -3,7 +3,6 @@ optionally side by side with timm / HF (eager and torch.compile) on the same mac
 
   python -m vit_jax.benchmark --variant ViT-B/16 --batch_size 8 --compare timm --json_out b16.json
   python -m vit_jax.benchmark --variant ViT-B/16 --batch_size 256 --dtype bfloat16 --compare timm_compile
-  python -m vit_jax.benchmark --trainer          # the digits trainer against a bare jitted loop
 
 Our train step is the trainer's own (`train_step.make_train_step`, data-parallel over every local
 device) with SGD + momentum (the comparison's optimizer; `--optimizer adamw` for the trainer's
@@ -225,38 +224,31 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per side; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the JSON report to this file.")
-_TRAINER = flags.DEFINE_bool("trainer", False, "Time the digits trainer against a bare loop.")
 
 
 def main(argv):
     del argv
-    if _TRAINER.value:
-        from vit_jax.bench import trainer_side
-
-        report = trainer_side.compare_trainer(steps=_STEPS.value, repeats=_REPEATS.value)
-        print(trainer_side.format_report(report), file=sys.stderr)
-    else:
-        overrides = dict(
-            image_size=_IMAGE.value,
-            dtype=_DTYPE.value,
-            attention_impl=_ATTENTION.value,
-            num_classes=_NUM_CLASSES.value,
-        )
-        if _COMPARE.value:
-            overrides["gelu_approximate"] = False  # the same function as timm / HF
-        config = get_config(_VARIANT.value, **overrides)
-        report = compare(
-            config,
-            modes=tuple(_MODES.value),
-            batch_size=_BATCH.value,
-            steps=_STEPS.value,
-            repeats=_REPEATS.value,
-            libraries=tuple(_COMPARE.value),
-            optimizer=_OPTIMIZER.value,
-            peak_tflops=_PEAK.value,
-        )
-        report["variant"] = _VARIANT.value
-        print(format_table(report), file=sys.stderr)
+    overrides = dict(
+        image_size=_IMAGE.value,
+        dtype=_DTYPE.value,
+        attention_impl=_ATTENTION.value,
+        num_classes=_NUM_CLASSES.value,
+    )
+    if _COMPARE.value:
+        overrides["gelu_approximate"] = False  # the same function as timm / HF
+    config = get_config(_VARIANT.value, **overrides)
+    report = compare(
+        config,
+        modes=tuple(_MODES.value),
+        batch_size=_BATCH.value,
+        steps=_STEPS.value,
+        repeats=_REPEATS.value,
+        libraries=tuple(_COMPARE.value),
+        optimizer=_OPTIMIZER.value,
+        peak_tflops=_PEAK.value,
+    )
+    report["variant"] = _VARIANT.value
+    print(format_table(report), file=sys.stderr)
     text = json.dumps(report, indent=2)
     if _JSON.value:
         with open(_JSON.value, "w") as f:

@@ -85,7 +85,7 @@ class ViTConfig:
     # Computation.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # resolved per backend by layers.resolve_attention_impl
     remat_policy: str = "none"
     scan: bool = False
 

@@ -3,5 +3,4 @@
 flops.py        the analytic FLOP count of a ViT (cross-checks XLA's cost analysis)
 jax_side.py     our model: jitted train step / inference, compile time, cost and memory analysis
 torch_side.py   timm (and HF transformers) eager and torch.compile, when torch is installed
-trainer_side.py the real trainer on digits against a bare jitted loop of the same step
 """

@@ -1,13 +1,14 @@
 """The model throughput benchmark reports consistent figures (never asserts a speed)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
-from helpers import TINY
+from helpers import REPO, TINY
 
-from vit_jax import benchmark
+from vit_jax import benchmark, models
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,59 @@ def test_bad_mode_is_named():
 
 
 @pytest.mark.slow
-def test_command_line_prints_one_json_line_per_mode():
-    out = subprocess.run(
+def test_command_line_prints_a_json_report_and_writes_it(tmp_path):
+    out = tmp_path / "b.json"
+    stdout = subprocess.run(
         [sys.executable, "-m", "vit_jax.benchmark", "--variant=Ti/16", "--image_size=32",
-         "--batch_size=2", "--steps=1", "--repeats=1", "--modes=inference"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip().splitlines()  # fmt: skip
-    (line,) = out
-    assert json.loads(line)["variant"] == "Ti/16"
+         "--batch_size=2", "--steps=1", "--repeats=1", "--modes=inference", f"--json_out={out}"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    ).stdout  # fmt: skip
+    report = json.loads(stdout)
+    assert report == json.loads(out.read_text())
+    assert report["variant"] == "Ti/16"
+    assert [r["mode"] for r in report["results"]] == ["inference"]
+
+
+@pytest.mark.parametrize(
+    "variant, gflops", [("B/16", 35.1), ("L/16", 123.1), ("Ti/16", 2.5), ("S/16", 9.2)]
+)
+def test_analytic_flops_of_known_variants(variant, gflops):
+    from vit_jax.bench import flops
+
+    assert flops.forward_flops(models.get_config(variant)) / 1e9 == pytest.approx(gflops, rel=0.01)
+
+
+def test_xla_cost_analysis_agrees_with_the_analytic_count(results):
+    for row in results.values():
+        assert row["xla_gflops_per_image"] == pytest.approx(
+            row["analytic_gflops_per_image"], rel=0.15
+        )
+
+
+def test_comparison_side_is_skipped_cleanly_without_torch_and_json_is_complete():
+    report = benchmark.compare(
+        models.get_config(None, **TINY),
+        modes=("inference",),
+        batch_size=2,
+        steps=1,
+        repeats=1,
+        libraries=("timm",),
+    )
+    json.dumps(report)
+    assert [r["library"] for r in report["results"]][0] == "vit_jax"
+    if importlib.util.find_spec("torch") is None:
+        assert report["errors"][0]["skipped"].startswith("torch")
+    assert report["results"][0]["peak_memory_mb"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_a_tiny_plan_on_cpu_and_records_every_run(tmp_path):
+    out = tmp_path / "gpu.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--tiny", "--out", str(out), "--steps=1",
+         "--repeats=1", "--attention", "xla"],
+        cwd=REPO, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert len(report["runs"]) == 2 and all("report" in r or "error" in r for r in report["runs"])
+    assert report["runs"][0]["report"]["results"][0]["library"] == "vit_jax"

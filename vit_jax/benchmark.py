@@ -1,50 +1,152 @@
-r"""Model throughput: images/s, FLOPs and MFU of the jitted train step and of inference.
+r"""Model throughput: images/s, FLOPs, peak memory and MFU of the train step and of inference,
+optionally side by side with timm / HF (eager and torch.compile) on the same machine.
 
-  python -m vit_jax.benchmark --variant ViT-B/16 --batch_size 64 --dtype bfloat16 --peak_tflops 989
+  python -m vit_jax.benchmark --variant ViT-B/16 --batch_size 8 --compare timm --json_out b16.json
+  python -m vit_jax.benchmark --variant ViT-B/16 --batch_size 256 --dtype bfloat16 --compare timm_compile
 
-The train step is the trainer's own (`train_step.make_train_step`, AdamW, data-parallel over every
-local device); inference is a jitted `model.apply`. Each figure is the median of `--repeats` timed
-runs of `--steps` steps, after one untimed run that compiles. FLOPs per image come from XLA's cost
-analysis of the compiled computation, so MFU = achieved FLOP/s / (`--peak_tflops` × devices).
-Input data is synthetic and already on the devices: this measures the model alone (for the input
-pipeline alone see `python -m vit_jax.data.benchmark`). Prints one JSON line per mode.
+Our train step is the trainer's own (`train_step.make_train_step`, data-parallel over every local
+device) with SGD + momentum (the comparison's optimizer; `--optimizer adamw` for the trainer's
+usual one); inference is a jitted `model.apply`. Every side is compiled / warmed up first, then the
+sides are timed alternately, `--repeats` runs of `--steps` steps each, and the median is reported,
+so load from other processes hits all sides alike: on a shared machine read the ratio column.
+FLOPs per image come from XLA's cost analysis and are cross-checked against the analytic count
+(`vit_jax.bench.flops`; ViT-B/16 at 224 px: 35.1 GFLOP forward). MFU = FLOP/s / peak, with the
+peak from `--peak_tflops` or, on a known GPU, its bf16 dense peak.
+In a comparison our model uses the exact (erf) GELU as timm and HF do, so both sides compute the
+same function; the JSON records it. Prints a table and one JSON document (`--json_out` to a file).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import optax
 from absl import app, flags
 
-from vit_jax import models
-from vit_jax import sharding as sharding_lib
-from vit_jax import train_step as train_step_lib
+from vit_jax.bench import flops as flops_lib
+from vit_jax.bench import jax_side, torch_side
+from vit_jax.model_config import ViTConfig, get_config
+
+# bf16 dense peak TFLOP/s per device (vendor data sheets), for MFU without --peak_tflops.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "B200": 2250.0}
 
 
-def compiled_flops(jitted, *args) -> float | None:
-    """FLOPs of one call, from XLA's cost analysis (None when the backend does not report them)."""
-    analysis = jitted.lower(*args).compile().cost_analysis()
-    if isinstance(analysis, list | tuple):  # older jax: one dict per computation
-        analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+def peak_tflops_of(device_kind: str, dtype: str) -> float | None:
+    if dtype not in ("bfloat16", "float16"):
+        return None
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in device_kind:
+            return tflops
+    return None
 
 
-def time_runs(run_steps, steps: int, repeats: int) -> list[float]:
-    """Seconds per step of each timed run (the first, compiling run is not timed)."""
-    run_steps(1)
-    seconds = []
+def time_alternating(runners: dict[str, Any], steps: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of each runner, timed in turns so shared-machine load hits all alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run_steps(steps)
-        seconds.append((time.perf_counter() - start) / steps)
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner.run(steps)
+            seconds[name].append((time.perf_counter() - start) / steps)
     return seconds
+
+
+def _row(library, config, mode, batch_size, runner, step_seconds, peak_tflops) -> dict[str, Any]:
+    median = statistics.median(step_seconds)
+    row: dict[str, Any] = {
+        "library": library,
+        "mode": mode,
+        "batch_size": batch_size,
+        "median_step_s": median,
+        "step_s": step_seconds,
+        "images_per_s": batch_size / median,
+        "compile_s": runner.compile_s,
+        "peak_memory_mb": runner.peak_bytes / 2**20 if runner.peak_bytes else None,
+    }
+    analytic = (
+        flops_lib.train_step_flops(config) if mode == "train" else flops_lib.forward_flops(config)
+    )
+    row["analytic_gflops_per_image"] = analytic / 1e9
+    if runner.flops:
+        row["xla_gflops_per_image"] = runner.flops / batch_size / 1e9
+    if peak_tflops:
+        row["mfu"] = analytic * batch_size / median / (peak_tflops * 1e12 * jax.device_count())
+    return row
+
+
+def _free_memory(libraries) -> None:
+    """Drop what the last mode held, so the next mode (and torch beside JAX) has the device."""
+    gc.collect()
+    if libraries and "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def compare(
+    config: ViTConfig,
+    *,
+    modes: tuple[str, ...] = ("train", "inference"),
+    batch_size: int = 32,
+    steps: int = 5,
+    repeats: int = 3,
+    libraries: tuple[str, ...] = (),
+    optimizer: str = "sgd",
+    peak_tflops: float | None = None,
+) -> dict[str, Any]:
+    """Benchmark our model and each comparison library; every failure is recorded, none aborts."""
+    device = jax.devices()[0].device_kind
+    peak_tflops = peak_tflops or peak_tflops_of(device, config.dtype)
+    rows, errors = [], []
+    for mode in modes:
+        runners: dict[str, Any] = {}
+        try:
+            runners["vit_jax"] = jax_side.build(config, mode, batch_size, optimizer)
+        except Exception as e:  # noqa: BLE001 - recorded in the JSON, the others still run
+            errors.append({"library": "vit_jax", "mode": mode, "error": f"{type(e).__name__}: {e}"})
+        for library in libraries:
+            reason = torch_side.available(library)
+            if reason:
+                errors.append({"library": library, "mode": mode, "skipped": reason})
+                continue
+            try:
+                runners[library] = torch_side.build(library, config, mode, batch_size)
+            except Exception as e:  # noqa: BLE001
+                errors.append(
+                    {"library": library, "mode": mode, "error": f"{type(e).__name__}: {e}"}
+                )
+        seconds = time_alternating(runners, steps, repeats)
+        mode_rows = [
+            _row(name, config, mode, batch_size, runner, seconds[name], peak_tflops)
+            for name, runner in runners.items()
+        ]
+        ours = next((r for r in mode_rows if r["library"] == "vit_jax"), None)
+        for row in mode_rows:
+            if ours is not None:
+                row["vit_jax_speedup"] = ours["images_per_s"] / row["images_per_s"]
+        rows.extend(mode_rows)
+        del runners
+        _free_memory(libraries)
+    return {
+        "device": device,
+        "num_devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "model": config.to_dict(),
+        "batch_size": batch_size,
+        "steps": steps,
+        "repeats": repeats,
+        "optimizer": optimizer,
+        "peak_tflops": peak_tflops,
+        "results": rows,
+        "errors": errors,
+    }
 
 
 def benchmark(
@@ -55,92 +157,103 @@ def benchmark(
     steps: int = 5,
     repeats: int = 3,
     peak_tflops: float | None = None,
+    optimizer: str = "sgd",
     **model_overrides,
 ) -> dict[str, Any]:
-    if mode not in ("train", "inference"):
-        raise ValueError(f"mode={mode!r}; allowed: train, inference")
-    model = models.create_model(variant, **model_overrides)
-    cfg = model.config
-    mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
-    sharding_lib.check_batch_size(batch_size, mesh, "batch_size")
-    params = models.init_params(model, jax.random.key(0))
-    images = jnp.zeros((batch_size, *cfg.image_size, cfg.num_channels), jnp.float32)
-    batch = sharding_lib.make_global_batch(
-        {
-            "image": images,
-            "label": jax.nn.one_hot(jnp.zeros(batch_size, jnp.int32), max(cfg.num_classes, 1)),
-        },
-        mesh,
+    """Our model alone, one mode: the `compare` row of vit_jax plus the run's facts."""
+    if mode not in jax_side.MODES:
+        raise ValueError(f"mode={mode!r}; allowed: {', '.join(jax_side.MODES)}")
+    config = get_config(variant, **model_overrides)
+    report = compare(
+        config,
+        modes=(mode,),
+        batch_size=batch_size,
+        steps=steps,
+        repeats=repeats,
+        optimizer=optimizer,
+        peak_tflops=peak_tflops,
     )
-
-    if mode == "train":
-        tx = optax.adamw(1e-4)
-        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-        shardings = sharding_lib.tree_shardings(state, mesh, fsdp_min_size=2**60)
-        state = jax.device_put(state, shardings)
-        step = train_step_lib.make_train_step(model, tx, mesh, shardings)
-        flops = compiled_flops(step, state, batch)
-        holder = [state]
-
-        def run_steps(n):
-            for _ in range(n):
-                holder[0], metrics = step(holder[0], batch)
-            jax.block_until_ready(metrics["loss"])
-
-    else:
-        params = jax.device_put(params, sharding_lib.replicated(mesh))
-        forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
-        flops = compiled_flops(forward, params, batch["image"])
-
-        def run_steps(n):
-            for _ in range(n):
-                logits = forward(params, batch["image"])
-            jax.block_until_ready(logits)
-
-    seconds = statistics.median(time_runs(run_steps, steps, repeats))
-    result = {
-        "mode": mode,
+    if report["errors"]:
+        raise RuntimeError(report["errors"][0]["error"])
+    (row,) = report["results"]
+    return {
+        **row,
         "variant": variant or "custom",
-        "image_size": list(cfg.image_size),
-        "dtype": cfg.dtype,
-        "batch_size": batch_size,
-        "device": jax.devices()[0].device_kind,
-        "num_devices": jax.device_count(),
-        "median_step_s": seconds,
-        "images_per_s": batch_size / seconds,
-        "gflops_per_image": flops / batch_size / 1e9 if flops else None,
+        "image_size": list(config.image_size),
+        "dtype": config.dtype,
+        "device": report["device"],
+        "num_devices": report["num_devices"],
+        "gflops_per_image": row.get("xla_gflops_per_image"),
     }
-    if flops and peak_tflops:
-        result["mfu"] = flops / seconds / (peak_tflops * 1e12 * jax.device_count())
-    return result
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = (
+        f"{'mode':<10} {'library':<13} {'img/s':>9} {'vs ours':>8} {'step ms':>9} "
+        f"{'compile s':>9} {'GFLOP/img':>9} {'peak MB':>8} {'MFU':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in report["results"]:
+        ratio = r.get("vit_jax_speedup")
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        lines.append(
+            f"{r['mode']:<10} {r['library']:<13} {r['images_per_s']:>9.1f} "
+            f"{(f'{ratio:.2f}x' if ratio else '-'):>8} {1000 * r['median_step_s']:>9.1f} "
+            f"{r['compile_s']:>9.1f} {r.get('xla_gflops_per_image') or 0:>9.2f} "
+            f"{(r['peak_memory_mb'] or 0):>8.0f} "
+            f"{mfu:>6}"
+        )
+    for e in report["errors"]:
+        lines.append(f"{e['mode']:<10} {e['library']:<13} {e.get('skipped') or e.get('error')}")
+    lines.append("'vs ours': our images/s over this row's (above 1: vit_jax is faster).")
+    return "\n".join(lines)
 
 
 _VARIANT = flags.DEFINE_string("variant", "ViT-B/16", "Model variant, e.g. ViT-Ti/16.")
 _MODES = flags.DEFINE_list("modes", ["train", "inference"], "train and/or inference.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 _IMAGE = flags.DEFINE_integer("image_size", 224, "Square image side.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Activation dtype: float32 | bfloat16.")
-_ATTENTION = flags.DEFINE_string("attention_impl", "xla", "xla | cudnn | auto.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 | bfloat16 (f32 params).")
+_ATTENTION = flags.DEFINE_string("attention_impl", "auto", "auto | einsum | xla | cudnn.")
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
+_OPTIMIZER = flags.DEFINE_enum("optimizer", "sgd", jax_side.OPTIMIZERS, "Train-step optimizer.")
+_COMPARE = flags.DEFINE_list(
+    "compare", [], f"Libraries to time beside ours: {', '.join(torch_side.LIBRARIES)}."
+)
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed run.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs; the median is reported.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per side; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.")
+_JSON = flags.DEFINE_string("json_out", None, "Also write the JSON report to this file.")
 
 
 def main(argv):
     del argv
-    for mode in _MODES.value:
-        result = benchmark(
-            _VARIANT.value,
-            mode=mode,
-            batch_size=_BATCH.value,
-            steps=_STEPS.value,
-            repeats=_REPEATS.value,
-            peak_tflops=_PEAK.value,
-            image_size=_IMAGE.value,
-            dtype=_DTYPE.value,
-            attention_impl=_ATTENTION.value,
-        )
-        print(json.dumps(result), flush=True)
+    overrides = dict(
+        image_size=_IMAGE.value,
+        dtype=_DTYPE.value,
+        attention_impl=_ATTENTION.value,
+        num_classes=_NUM_CLASSES.value,
+    )
+    if _COMPARE.value:
+        overrides["gelu_approximate"] = False  # the same function as timm / HF
+    config = get_config(_VARIANT.value, **overrides)
+    report = compare(
+        config,
+        modes=tuple(_MODES.value),
+        batch_size=_BATCH.value,
+        steps=_STEPS.value,
+        repeats=_REPEATS.value,
+        libraries=tuple(_COMPARE.value),
+        optimizer=_OPTIMIZER.value,
+        peak_tflops=_PEAK.value,
+    )
+    report["variant"] = _VARIANT.value
+    print(format_table(report), file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            f.write(text + "\n")
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ attention pooling. `vit_jax.models` assembles them into the Vision Transformer."
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,17 +30,105 @@ class MlpBlock(nn.Module):
             name=name,
         )
         x = dense(cfg.mlp_dim, "Dense_0")(x)
-        x = nn.gelu(x, approximate=cfg.gelu_approximate)
+        x = gelu(x, cfg.gelu_approximate)
         x = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(x)
         x = dense(cfg.hidden_size, "Dense_1")(x)
         return nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)(x)
 
 
+def gelu(x: Array, approximate: bool) -> Array:
+    """GELU; `approximate=True` is the tanh form of the published checkpoints, computed exactly.
+
+    0.5·(1 + tanh(z)) = sigmoid(2z), so the tanh form is x·sigmoid(2z): the same function with one
+    transcendental instead of tanh plus its chain of adds and multiplies (faster on CPU, same
+    values to float rounding). `approximate=False` is the erf form (timm, HF).
+    """
+    if not approximate:
+        return nn.gelu(x, approximate=False)
+    z = x + 0.044715 * (x * x * x)
+    return x * jax.nn.sigmoid((2.0 * math.sqrt(2.0 / math.pi)) * z).astype(x.dtype)
+
+
+def resolve_attention_impl(config: ViTConfig, backend: str | None = None) -> str:
+    """The attention kernel `config.attention_impl` stands for on `backend` (default: JAX's).
+
+    'auto' picks what measured fastest (README, Performance): on CPU plain einsum-softmax-einsum
+    (no layout transposes around the batched matmuls); on GPU cuDNN's fused flash attention for
+    16-bit compute when the head size allows it, else XLA; elsewhere XLA.
+    """
+    impl = config.attention_impl
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        return "einsum"
+    if (
+        backend in ("gpu", "cuda")
+        and config.dtype in ("bfloat16", "float16")
+        and config.head_dim <= 128
+        and config.head_dim % 8 == 0
+    ):
+        return "cudnn"
+    return "xla"
+
+
+# cuDNN's fused attention trains only on even sequence lengths (ViT's 197 tokens are odd): pad the
+# tokens to a multiple of this, masking the padded keys and dropping the padded queries.
+CUDNN_SEQ_MULTIPLE = 2
+
+
+def padded_dot_product_attention(
+    q: Array, k: Array, v: Array, multiple: int, implementation: str | None
+) -> Array:
+    """`jax.nn.dot_product_attention` over (B, T, heads, d) inputs padded to a multiple of
+    `multiple` tokens; the same values as unpadded attention (padded keys are masked out)."""
+    batch, tokens = q.shape[0], q.shape[1]
+    pad = -tokens % multiple
+    if pad == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    lengths = jnp.full((batch,), tokens, jnp.int32)
+    y = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+    return y[:, :tokens]
+
+
+class _ProjectionParams(nn.Module):
+    """The kernel (D, heads, head_dim) and bias (heads, head_dim) of one nn.DenseGeneral, same names
+    and init, returned instead of applied so query/key/value can run as one fused matmul."""
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array, Array | None]:
+        cfg = self.config
+        shape = (cfg.num_heads, cfg.head_dim)
+        pdtype = jnp.dtype(cfg.param_dtype)
+
+        def kernel_init(rng, kernel_shape, dtype):  # DenseGeneral initializes the 2-D view
+            flat = nn.initializers.xavier_uniform()(rng, (in_features, math.prod(shape)), dtype)
+            return flat.reshape(kernel_shape)
+
+        kernel = self.param("kernel", kernel_init, (in_features, *shape), pdtype)
+        bias = self.param("bias", nn.initializers.zeros, shape, pdtype) if cfg.qkv_bias else None
+        return kernel, bias
+
+
 class MultiHeadDotProductAttention(nn.Module):
     """Multi-head attention with flax's parameter layout (query/key/value/out DenseGeneral).
 
-    Uses `jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on GPU). When the attention weights
-    are wanted (visualization) or attention dropout is active, it computes softmax(QKᵀ/√d)V explicitly.
+    Self-attention runs the query/key/value projections as one matmul (one wide GEMM instead of
+    three narrow ones). The attention itself follows `resolve_attention_impl`: einsum-softmax-einsum,
+    `jax.nn.dot_product_attention` (XLA) or cuDNN flash attention, all the same function. When the
+    attention weights are wanted (visualization) or attention dropout is active, the einsum path
+    is used, since it is the one that materializes softmax(QKᵀ/√d).
     """
 
     config: ViTConfig
@@ -49,17 +139,22 @@ class MultiHeadDotProductAttention(nn.Module):
     def __call__(self, inputs_q: Array, inputs_kv: Array) -> tuple[Array, Array | None]:
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        projection = lambda name: nn.DenseGeneral(  # noqa: E731
-            (cfg.num_heads, cfg.head_dim),
-            use_bias=cfg.qkv_bias,
-            dtype=dtype,
-            param_dtype=pdtype,
-            kernel_init=nn.initializers.xavier_uniform(),
-            name=name,
-        )
-        q = projection("query")(inputs_q)
-        k = projection("key")(inputs_kv)
-        v = projection("value")(inputs_kv)
+        width = inputs_q.shape[-1]
+        names = ("query", "key", "value")
+        kernels, biases = zip(*(_ProjectionParams(cfg, name=n)(width) for n in names))
+
+        def project(x, kernel, bias):
+            y = jnp.einsum("btd,dnh->btnh", x.astype(dtype), kernel.astype(dtype))
+            return y if bias is None else y + bias.astype(dtype)
+
+        if inputs_q is inputs_kv:
+            kernel = jnp.concatenate(kernels, axis=1)  # (D, 3·heads, head_dim)
+            bias = None if biases[0] is None else jnp.concatenate(biases, axis=0)
+            q, k, v = jnp.split(project(inputs_q, kernel, bias), 3, axis=2)
+        else:
+            q = project(inputs_q, kernels[0], biases[0])
+            k = project(inputs_kv, kernels[1], biases[1])
+            v = project(inputs_kv, kernels[2], biases[2])
         if cfg.qk_norm:
             norm = lambda name: nn.LayerNorm(  # noqa: E731
                 cfg.layernorm_epsilon, dtype=dtype, param_dtype=pdtype, name=name
@@ -67,14 +162,20 @@ class MultiHeadDotProductAttention(nn.Module):
             q, k = norm("query_norm")(q), norm("key_norm")(k)
 
         use_dropout = cfg.attention_dropout_rate > 0 and not self.deterministic
+        impl = resolve_attention_impl(cfg)
         weights = None
-        if self.return_weights or use_dropout:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(cfg.head_dim).astype(dtype)
+        if self.return_weights or use_dropout or impl == "einsum":
+            # Scaling q (T·d values) is cheaper than scaling the logits (T·T per head).
+            q = q * jnp.asarray(1.0 / math.sqrt(cfg.head_dim), dtype)
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
             weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
             dropped = nn.Dropout(cfg.attention_dropout_rate, deterministic=not use_dropout)(weights)
             y = jnp.einsum("bhqk,bkhd->bqhd", dropped, v)
+            if not self.return_weights:
+                weights = None
+        elif impl == "cudnn":
+            y = padded_dot_product_attention(q, k, v, CUDNN_SEQ_MULTIPLE, "cudnn")
         else:
-            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
             y = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         out = nn.DenseGeneral(
             cfg.hidden_size,

@@ -15,7 +15,7 @@ from typing import Any
 POOLINGS = ("token", "gap", "map", "none")
 POSEMBS = ("learn", "sincos2d", "none")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 # Width, MLP width, heads, depth: the paper's Table 1 (Ti/S from DeiT) and big_vision's larger widths.
@@ -85,7 +85,7 @@ class ViTConfig:
     # Computation.
     dtype: str = "float32"
     param_dtype: str = "float32"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # resolved per backend by layers.resolve_attention_impl
     remat_policy: str = "none"
     scan: bool = False
 

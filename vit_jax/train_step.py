@@ -68,6 +68,63 @@ def make_train_step(
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated.
 
+    See `train_step_fn` for what one step does.
+    """
+    step = train_step_fn(model, tx, mesh, accum_steps=accum_steps, seed=seed, loss=loss)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """(K, B, ...) stacked batches: K steps' batches, each split over the batch axes like one."""
+    return NamedSharding(mesh, PartitionSpec(None, sharding_lib.BATCH_AXES))
+
+
+def make_multi_step(
+    model: VisionTransformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    state_shardings: Any,
+    *,
+    accum_steps: int = 1,
+    seed: int = 0,
+    loss: str = "softmax_xent",
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """`multi_step(state, batches) -> (state, metrics)`: K train steps in one dispatch (`lax.scan`).
+
+    `batches` holds K batches stacked on a leading axis (`stacked_batch_sharding`); every metric
+    comes back with that leading axis too. The result is that of K calls of `make_train_step`'s step,
+    one per batch (the same rng per step, folded from the state's step), with one host→device
+    dispatch instead of K: what a small model needs when the per-step host overhead dominates.
+    """
+    step = train_step_fn(model, tx, mesh, accum_steps=accum_steps, seed=seed, loss=loss)
+
+    def multi_step(state, batches):
+        return jax.lax.scan(step, state, batches)
+
+    return jax.jit(
+        multi_step,
+        in_shardings=(state_shardings, stacked_batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def train_step_fn(
+    model: VisionTransformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    accum_steps: int = 1,
+    seed: int = 0,
+    loss: str = "softmax_xent",
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """The (un-jitted) step `(state, batch) -> (state, metrics)`.
+
     `batch` = {'image' (B, H, W, C), 'label' (B, K) targets}. The step averages the gradients of
     `accum_steps` micro-batches (a `lax.scan`, so memory is that of one micro-batch) and equals one
     step on the whole batch. Dropout/drop-path keys are `fold_in(key(seed), step)` (and the
@@ -117,12 +174,7 @@ def make_train_step(
         }
         return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
-    return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    return train_step
 
 
 def make_eval_step(

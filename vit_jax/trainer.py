@@ -29,7 +29,16 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from vit_jax import checkpoints, distributed, metrics, models, optim, train_state, train_step
+from vit_jax import (
+    checkpoints,
+    dispatch,
+    distributed,
+    metrics,
+    models,
+    optim,
+    train_state,
+    train_step,
+)
 from vit_jax import sharding as sharding_lib
 
 
@@ -157,12 +166,17 @@ class _LossWatch:
         self.latest_saved = latest_saved
 
     def add(self, step: int, loss: jax.Array) -> None:
+        """The loss of `step`, or the (K,) losses of steps `step`..`step`+K-1 (one dispatch)."""
         self._pending.append((step, loss))
 
     def check(self) -> None:
         """Fetches the pending losses; raises at the first non-finite one."""
-        steps = [s for s, _ in self._pending]
-        values = [float(v) for v in jax.device_get([v for _, v in self._pending])]
+        fetched = jax.device_get([v for _, v in self._pending])
+        steps, values = [], []
+        for (first, _), value in zip(self._pending, fetched):
+            value = np.atleast_1d(np.asarray(value, np.float64))
+            steps.extend(range(first, first + value.size))
+            values.extend(float(v) for v in value)
         self._pending = []
         for step, value in zip(steps, values):
             if not np.isfinite(value):
@@ -292,6 +306,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         seed=config.seed,
         loss=config.loss,
     )
+    steps_per_dispatch = config.get("steps_per_dispatch", 1)
+    multi_step_fn = None
+    if steps_per_dispatch > 1:
+        multi_step_fn = train_step.make_multi_step(
+            model,
+            tx,
+            mesh,
+            shardings,
+            accum_steps=config.accum_steps,
+            seed=config.seed,
+            loss=config.loss,
+        )
     eval_fn = train_step.make_eval_step(model, mesh, shardings["params"], loss=config.loss)
     writer = metrics.MetricWriter(workdir)
     progress = metrics.Progress(total_steps, config.batch_size, start_step)
@@ -325,21 +351,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     eval_results, last_eval_step, preempted, step = None, None, False, start_step
     distributed.barrier("train loop")  # start the first step (and its compile) together
-    batches = sharding_lib.prefetch_to_device(
-        data.train_iter(start_step=start_step), mesh, config.prefetch_to_device
+    # K steps per dispatch between the steps where the loop looks at the state (vit_jax.dispatch).
+    boundaries = (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
+    sizes = dispatch.plan(start_step, total_steps, steps_per_dispatch, boundaries)
+    batches = dispatch.to_devices(
+        dispatch.grouped(data.train_iter(start_step=start_step), sizes),
+        mesh,
+        config.prefetch_to_device,
     )
     try:
         with _PreemptionSignal() as preemption:
             while step < total_steps:
-                state, step_metrics = step_fn(state, next(batches))
-                step += 1
-                losses.add(step, step_metrics["loss"])
+                size, batch = next(batches)
+                if size == 1:
+                    state, step_metrics = step_fn(state, batch)
+                else:
+                    state, step_metrics = multi_step_fn(state, batch)
+                losses.add(step + 1, step_metrics["loss"])
+                step += size
                 if step == total_steps or (
                     config.log_every_steps and step % config.log_every_steps == 0
                 ):
                     scalars = {
                         "loss": losses.mean_since_last_log(),
-                        "grad_norm": float(step_metrics["grad_norm"]),
+                        "grad_norm": float(np.asarray(step_metrics["grad_norm"]).reshape(-1)[-1]),
                         "lr": float(lr_schedule(step - 1)),
                     }
                     line, throughput = progress.line(step, scalars)

@@ -186,9 +186,12 @@ def test_non_square_grid_needs_and_uses_image_size(tmp_path):
     wide = config.config.replace(image_size=(16, 20))  # 1 + 4x5 rows: neither part is square
     adapted = transfer.adapt_params(params, config.config, wide)
     vit_jax.save_pretrained(adapted, str(tmp_path / "wide.npz"), model=wide)
+    model, loaded = vit_jax.load_pretrained(str(tmp_path / "wide.npz"))  # ours: it says the size
+    assert model.config == wide
+    np.savez(tmp_path / "foreign.npz", **np.load(tmp_path / "wide.npz"))  # same arrays, no config
     with pytest.raises(ValueError, match="not a square patch grid; pass image_size"):
-        vit_jax.load_pretrained(str(tmp_path / "wide.npz"))
-    model, loaded = vit_jax.load_pretrained(str(tmp_path / "wide.npz"), image_size=(16, 20))
+        vit_jax.load_pretrained(str(tmp_path / "foreign.npz"))
+    model, loaded = vit_jax.load_pretrained(str(tmp_path / "foreign.npz"), image_size=(16, 20))
     assert model.config == wide
     assert_params_identical(loaded, adapted)
 

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vit_jax import checkpoints, metrics, models, optim, train_state, train_step
+from vit_jax import checkpoints, metrics, models, optim, preprocessing, train_state, train_step
 from vit_jax import sharding as sharding_lib
 
 
@@ -258,10 +258,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "seed": config.seed,
     }
 
+    # The input convention travels with the model, so predict/convert apply it without being told.
+    input_convention = preprocessing.for_training(config.dataset, data.image_shape[-1]).to_dict()
+
     def save(step):
         losses.check()  # never write a state that a NaN has reached
         with progress.paused():
-            ckpt.save(step, state, model_config, {**data_state, "step": step})
+            ckpt.save(step, state, model_config, {**data_state, "step": step}, input_convention)
         losses.latest_saved = step
 
     def run_eval(step):

@@ -149,9 +149,11 @@ def _translated(path: str, hints: dict[str, Any]):
     """A foreign (or our exported) file → (config of its params, params, preprocessing, origin,
     preferred settings, whether the config is exactly the file's own)."""
     source = Source(path)
-    converted = detect_format(source).read(source, hints)
-    params = transfer.unflatten(converted.params)
     described = source.embedded
+    # Our own files say what their tensors cannot (e.g. timm's heads); the caller may still override.
+    read_hints = {**described["config"], **hints} if described else hints
+    converted = detect_format(source).read(source, read_hints)
+    params = transfer.unflatten(converted.params)
     if described:  # ours: the exact config and convention, nothing to infer or guess
         config = ViTConfig.from_dict(described["config"])
         pre = Preprocessing.from_dict(described["preprocessing"])

@@ -191,7 +191,7 @@ def load_checkpoint(
 
         entry = pretrained_lib.find(path, pretrained)
         path, named_pre = pretrained_lib.fetch(entry), entry.preprocessing
-        variant = variant or entry.model
+        variant = variant or pretrained_lib.variant_of(entry) or None
     hints = {**variant_fields(variant), **overrides}
     path = localize(path)
     translated = not _is_orbax(path)

@@ -356,7 +356,9 @@ def _parse_value(text: str) -> Any:
 def set_flags(settings: dict[str, Any]) -> str:
     """`--set FIELD=VALUE ...` that a shell passes through unchanged and `_parse_value` reads back."""
     shown = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    return " ".join(f"--set {shlex.quote(f'{k}={v!r}')}" for k, v in shown.items())
+    # A bare word reads back as itself (gap, sincos2d); anything else as its Python literal.
+    text = lambda v: v if isinstance(v, str) and _parse_value(v) == v else repr(v)  # noqa: E731
+    return " ".join(f"--set {shlex.quote(f'{k}={text(v)}')}" for k, v in shown.items())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -175,7 +175,7 @@ class Source:
         weights = self.weights_path
         if self.kind == "npz":
             with zipfile.ZipFile(self.path) as archive:
-                text = archive.comment.decode() or None
+                text = archive.comment.decode(errors="replace") or None
         elif isinstance(weights, str) and (sniff(weights) if self.is_dir else self.kind) == (
             "safetensors"
         ):

@@ -186,9 +186,12 @@ def test_non_square_grid_needs_and_uses_image_size(tmp_path):
     wide = config.config.replace(image_size=(16, 20))  # 1 + 4x5 rows: neither part is square
     adapted = transfer.adapt_params(params, config.config, wide)
     vit_jax.save_pretrained(adapted, str(tmp_path / "wide.npz"), model=wide)
+    model, loaded = vit_jax.load_pretrained(str(tmp_path / "wide.npz"))  # ours: it says the size
+    assert model.config == wide
+    np.savez(tmp_path / "foreign.npz", **np.load(tmp_path / "wide.npz"))  # same arrays, no config
     with pytest.raises(ValueError, match="not a square patch grid; pass image_size"):
-        vit_jax.load_pretrained(str(tmp_path / "wide.npz"))
-    model, loaded = vit_jax.load_pretrained(str(tmp_path / "wide.npz"), image_size=(16, 20))
+        vit_jax.load_pretrained(str(tmp_path / "foreign.npz"))
+    model, loaded = vit_jax.load_pretrained(str(tmp_path / "foreign.npz"), image_size=(16, 20))
     assert model.config == wide
     assert_params_identical(loaded, adapted)
 
@@ -379,3 +382,24 @@ def test_big_vision_two_tower_image_encoder(tmp_path):
     _, expected = vit_jax.load_pretrained(fixture("big_vision_map_sincos2d", "params.npz"))
     assert model.config.pool == "map"
     assert_params_identical(params, expected)
+
+
+def test_command_line_hints_are_valid_shell(tmp_path, capsys):
+    import shlex
+
+    convert.main(
+        [fixture("vit_jax_gap", "params.npz"), str(tmp_path / "t.safetensors"), "--to", "timm"]
+    )
+    out = capsys.readouterr().out
+    assert "timm.create_model(" in out and "timm.models.load_checkpoint(model" in out
+    hint = next(line for line in out.splitlines() if "must be told" in line)
+    words = shlex.split(hint.split("told: ")[1].split(" (vit_jax")[0])  # what a shell passes on
+    settings = dict(w.split("=", 1) for w in words if w != "--set")
+    _, params = vit_jax.load_pretrained(fixture("vit_jax_gap", "params.npz"))
+    config = vit_jax.load_pretrained(fixture("vit_jax_gap", "params.npz"))[0].config
+    expected = convert.reload_overrides(params, config, "timm")
+    assert {k: convert._parse_value(v) for k, v in settings.items()} == expected
+    # A tuple value survives the shell: the hint that failed when pasted.
+    wide = {"image_size": [32, 32], "pool": "gap"}
+    words = shlex.split(convert.set_flags(wide))
+    assert [convert._parse_value(w.split("=", 1)[1]) for w in words[1::2]] == [(32, 32), "gap"]

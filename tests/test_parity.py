@@ -32,17 +32,23 @@ UNREPRESENTABLE = {
     ("vit_jax_token_prelogits", "timm"): "pre-logits",
     ("vit_jax_token_prelogits", "hf"): "pre-logits together with a head",
     ("vit_jax_gap", "hf"): "pool='gap'",
-    ("big_vision_map_sincos2d", "timm"): "sin-cos",
     ("big_vision_map_sincos2d", "hf"): "pool='map'",
     ("big_vision_gap_scan", "hf"): "pool='gap'",
     ("timm_avg_reg4_layerscale_qknorm", "hf"): "registers",
 }
-# What `load_pretrained` must be told again after a round trip: exactly what the format omits.
+# What loading the written tensors alone must be told (a reader that ignores our metadata): exactly
+# what the format omits. `load_pretrained` itself needs none of it (test_formats.py).
 RELOAD_OVERRIDES = {
     ("vit_jax_token_prelogits", "npz"): {},
     ("vit_jax_gap", "npz"): {},
     ("vit_jax_gap", "timm"): {"num_heads": 4, "gelu_approximate": True},
     ("big_vision_map_sincos2d", "npz"): {},
+    # timm has no sin-cos: the fixed table is written as a learned pos_embed that equals it.
+    ("big_vision_map_sincos2d", "timm"): {
+        "num_heads": 4,
+        "gelu_approximate": True,
+        "posemb": "sincos2d",
+    },
     ("big_vision_gap_scan", "npz"): {"scan": True},
     # Without prefix tokens posemb_covers_prefix changes nothing; timm reads back its default.
     ("big_vision_gap_scan", "timm"): {

@@ -31,6 +31,20 @@ def assert_png(path):
     assert data.startswith(PNG_MAGIC) and len(data) > 1000, f"{path} is not a non-empty PNG"
 
 
+def drawn_colours(fig) -> list[int]:
+    """For every image a figure draws (maps, patches, heatmaps): how many distinct colours it shows.
+
+    A blank figure draws no image; a map drawn in one flat colour shows 1.
+    """
+    counts = []
+    for ax in fig.axes:
+        for image in ax.get_images():
+            rgba = image.to_rgba(image.get_array(), bytes=True).reshape(-1, 4)
+            visible = rgba[rgba[:, 3] > 0]
+            counts.append(len(np.unique(visible, axis=0)))
+    return counts
+
+
 # --- Rollout, checked by hand -----------------------------------------------------------------------
 
 
@@ -181,13 +195,54 @@ def test_plots_write_png_files(token_model, images, tmp_path):
             row_labels=["layer 0", "layer 1"],
         ),
         "batch": visualize.plot_attention(images, maps.rollout_map[:, None], titles=["rollout"]),
-        "gray": visualize.plot_attention(np.zeros((16, 16, 1), np.uint8), np.ones((2, 4, 4))),
+        "gray": visualize.plot_attention(
+            np.zeros((16, 16, 1), np.uint8), maps.rollout_map[:, None]
+        ),
     }
     for name, fig in figures.items():
         path = tmp_path / f"{name}.png"
         fig.savefig(path)
         assert_png(path)
+        colours = drawn_colours(fig)
+        # Every map drawn shows structure (the gray plot's images are flat black on purpose).
+        assert colours and max(colours) > 4, f"{name}: {colours}"
     with pytest.raises(ValueError, match="maps of shape"):
         visualize.plot_attention(images[0], np.ones(4))
     with pytest.raises(ValueError, match="2 images for 3 rows"):
         visualize.plot_attention(images, np.ones((3, 1, 4, 4)))
+
+
+def test_plot_posemb_similarity_takes_what_posemb_similarity_takes(token_model):
+    model, params = token_model
+    from_params = visualize.plot_posemb_similarity(params, model.config)
+    from_similarity = visualize.plot_posemb_similarity(
+        visualize.posemb_similarity(params, model.config)
+    )
+    a, b = (fig.axes[0].get_images()[0].get_array() for fig in (from_params, from_similarity))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="expected \\(gh, gw, gh, gw\\)"):
+        visualize.plot_posemb_similarity(np.ones((4, 4)))
+
+
+def test_sincos_similarity_plot_is_not_a_flat_colour():
+    sincos = vit_jax.get_config(
+        None, **{**TINY, "hidden_size": 256, "image_size": 32}, pool="gap", posemb="sincos2d"
+    )  # fmt: skip
+    sim = visualize.posemb_similarity({}, sincos)
+    fig = visualize.plot_posemb_similarity({}, sincos)
+    image = fig.axes[0].get_images()[0]
+    assert image.norm.vmin == pytest.approx(float(sim.min()))  # the scale starts at the data
+    assert sim.min() > -0.5  # so a fixed -1 would have wasted most of the colour range
+    assert drawn_colours(fig)[0] > 20
+
+
+def test_mean_attention_per_layer_for_mean_pooling(images):
+    model = vit_jax.create_model(None, **TINY, num_classes=10, pool="gap")
+    maps = visualize.attention_maps(model, random_params(model, scale=0.3), images)
+    assert maps.class_attention is None
+    assert maps.mean_attention.shape == (2, 2, 4, 4, 4)  # layers, images, heads, grid
+    expected = maps.attention.mean(axis=-2).reshape(2, 2, 4, 4, 4)  # no prefix tokens
+    np.testing.assert_allclose(maps.mean_attention, expected, atol=1e-6)
+    np.testing.assert_allclose(maps.mean_attention.sum((-2, -1)), 1.0, atol=1e-5)
+    fig = visualize.plot_attention(images[0], maps.mean_attention[:, 0])
+    assert min(drawn_colours(fig)) > 1

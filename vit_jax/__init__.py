@@ -4,7 +4,9 @@ Public API:
   create_model(variant, num_classes=..., **overrides) -> linen VisionTransformer
   ViTConfig, get_config                      the model's hyperparameters
   load_pretrained(path, ...) -> (model, params)   any public ViT checkpoint (vit_jax, big_vision, timm, HF)
-  save_pretrained(params, path, format=..., model=...)
+  load_pretrained('ViT-B/16', pretrained='augreg-i21k-ft-i1k')   a public checkpoint by name
+  list_pretrained()                          what names exist, with their inputs and accuracy
+  save_pretrained(params, path, format=..., model=..., preprocessing=...)
 """
 
 from vit_jax.model_config import ViTConfig, get_config
@@ -17,6 +19,7 @@ __all__ = [
     "create_model",
     "get_config",
     "init_params",
+    "list_pretrained",
     "load_pretrained",
     "patchify",
     "save_pretrained",
@@ -29,4 +32,8 @@ def __getattr__(name):
         from vit_jax import convert
 
         return getattr(convert, name)
+    if name == "list_pretrained":
+        from vit_jax import pretrained
+
+        return pretrained.list_pretrained
     raise AttributeError(f"module 'vit_jax' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 Layout: `<workdir>/checkpoints/<step>/` holds three items:
   state         {'params', 'opt_state', 'step'}: the arrays, sharded as they were (OCDBT/Zarr);
   model_config  JSON of `ViTConfig.to_dict()`, so a checkpoint says what model it belongs to;
+  preprocessing JSON of `vit_jax.preprocessing.Preprocessing.to_dict()`: the input convention;
   data_state    JSON, e.g. {"step": 1200, "order": "global", "process_count": 2, ...}: where the
                 input pipeline resumes, and the topology that wrote it.
 Every process calls save/restore (Orbax coordinates the hosts; each writes its own shards).
@@ -20,7 +21,7 @@ from etils import epath
 
 from vit_jax.model_config import ViTConfig
 
-ITEMS = ("state", "model_config", "data_state")
+ITEMS = ("state", "model_config", "preprocessing", "data_state")
 
 
 class TrainCheckpoints:
@@ -49,17 +50,21 @@ class TrainCheckpoints:
         return list(self._manager.all_steps())
 
     def save(
-        self, step: int, state: dict, model_config: ViTConfig, data_state: dict[str, Any]
+        self,
+        step: int,
+        state: dict,
+        model_config: ViTConfig,
+        data_state: dict[str, Any],
+        preprocessing: dict[str, Any] | None = None,
     ) -> None:
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                model_config=ocp.args.JsonSave(model_config.to_dict()),
-                data_state=ocp.args.JsonSave(data_state),
-            ),
-            force=True,
+        items = dict(
+            state=ocp.args.StandardSave(state),
+            model_config=ocp.args.JsonSave(model_config.to_dict()),
+            data_state=ocp.args.JsonSave(data_state),
         )
+        if preprocessing is not None:
+            items["preprocessing"] = ocp.args.JsonSave(preprocessing)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[dict, dict]:
         """(state, data_state) of `step` (default: the newest), placed as `abstract_state` says.
@@ -138,6 +143,16 @@ def absolute_path(path: str | epath.Path) -> epath.Path:
     if "://" in str(path):
         return epath.Path(path)
     return epath.Path(os.path.abspath(os.fspath(path)))
+
+
+def read_preprocessing(path: str | epath.Path) -> dict[str, Any] | None:
+    """The input convention a checkpoint recorded (None for checkpoints written before it was)."""
+    step_dir = find_step_dir(absolute_path(path))
+    if not (step_dir / "preprocessing").is_dir():
+        return None
+    return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+        step_dir / "preprocessing", args=ocp.args.JsonRestore()
+    )
 
 
 def read_model(path: str | epath.Path) -> tuple[ViTConfig, dict]:

@@ -3,7 +3,11 @@
   model, params = load_pretrained(path, variant=None, **overrides)
   config, params = load_params(path, variant=None, **overrides)
   save_pretrained(params, path, format='npz' | 'timm' | 'hf', model=model_or_config)
+  loaded = load_checkpoint(path, ...)   # .config, .params, .preprocessing
   python -m vit_jax.convert SRC DST --to npz|timm|hf [--variant V] [--set key=value ...]
+
+Files this project writes also carry the full `ViTConfig` and the input convention (`preprocessing`),
+so they load back exactly with no overrides; `load_checkpoint` returns both.
 
 The format is detected from the content, not the name: an `.npz` (published vit_jax, with or without
 the `opt/target/` prefix, or big_vision), a safetensors file or torch pickle (timm state dict, or HF
@@ -19,31 +23,30 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import hashlib
 import json
+import logging
 import os
+import shlex
 import shutil
-import struct
 import urllib.parse
 import urllib.request
-import zipfile
 from typing import Any
 
 import jax
 import numpy as np
 
 from vit_jax import checkpoints, transfer
-from vit_jax.formats import hf, layout, timm, vit_jax_npz
+from vit_jax.formats import REGISTRY, layout, timm
+from vit_jax.formats.source import Source
 from vit_jax.model_config import ViTConfig, parse_variant
 from vit_jax.models import VisionTransformer
+from vit_jax.preprocessing import DEFAULT, Preprocessing
 
-FORMATS = {"npz": vit_jax_npz, "timm": timm, "hf": hf}
+FORMATS = REGISTRY  # the formats we read and write, by name
 CACHE_DIR = os.environ.get("VIT_JAX_CACHE", os.path.expanduser("~/.cache/vit_jax"))
-_NOT_A_CHECKPOINT = (
-    "is not a checkpoint: expected an .npz (vit_jax, big_vision), a safetensors file or torch "
-    "pickle (timm; HF with config.json beside it), a Hugging Face or timm folder with config.json, "
-    "or a vit_jax Orbax checkpoint directory"
-)
+log = logging.getLogger("vit_jax")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,121 +99,20 @@ def localize(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading: sniff the content, read all tensors, translate to our layout.
+# Reading: the first registered format that recognizes the content translates it to our layout.
 
 
-def sniff(path: str) -> str:
-    """'npz', 'safetensors' or 'torch' from a file's first bytes; ValueError for anything else."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    size = os.path.getsize(path)
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except zipfile.BadZipFile as e:
-            raise ValueError(f"{path}: a zip archive that is truncated or corrupt ({e})") from e
-        if any(name.endswith(".npy") for name in names):
-            return "npz"
-        if any(name.endswith("data.pkl") for name in names):
-            return "torch"
-    elif len(head) == 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if header_len + 8 > size:
-            raise ValueError(
-                f"{path}: a safetensors file that is truncated (header of {header_len} bytes)"
-            )
-        return "safetensors"
-    elif head[:1] == b"\x80":  # A pickle (legacy torch.save).
-        return "torch"
-    raise ValueError(f"{path} {_NOT_A_CHECKPOINT} (it starts with {head[:8]!r})")
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
+def detect_format(source: Source):
+    """The `formats.REGISTRY` module that reads `source`; ValueError naming what it looks like."""
+    for module in REGISTRY.values():
+        if module.detect(source):
+            return module
+    if source.is_dir:
         raise ValueError(
-            f"{path}: not a readable safetensors file (truncated or corrupt?): {e}"
-        ) from e
-
-
-def _read_torch(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ValueError(
-            f"{path} is a PyTorch pickle: reading it needs torch installed; or convert it to "
-            f".safetensors, which needs no torch"
-        ) from e
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a bad file.
-        raise ValueError(
-            f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}"
-        ) from e
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: a torch pickle of {type(state).__name__}, not a state dict")
-    return {
-        k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()
-    }
-
-
-def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-    return _read_safetensors(path) if sniff(path) == "safetensors" else _read_torch(path)
-
-
-def _read_folder_weights(folder: str) -> dict[str, np.ndarray]:
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):  # Sharded: every shard the index names.
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return {k: v for s in shards for k, v in _read_safetensors(os.path.join(folder, s)).items()}
-    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        if os.path.exists(os.path.join(folder, name)):
-            return _read_state_dict(os.path.join(folder, name))
-    raise ValueError(
-        f"{folder}: config.json but no model.safetensors / pytorch_model.bin beside it"
-    )
-
-
-def _translate(path: str, hints: dict[str, Any]) -> tuple[layout.Converted, ViTConfig]:
-    """A local checkpoint → (our layout, the source's default config)."""
-    if os.path.isdir(path):
-        config_path = os.path.join(path, "config.json")
-        if not os.path.exists(config_path):
-            raise ValueError(f"{path} {_NOT_A_CHECKPOINT} (a folder without config.json)")
-        with open(config_path) as f:
-            folder_config = json.load(f)
-        state = _read_folder_weights(path)
-        if hf.looks_like(folder_config):
-            return hf.to_ours(state, folder_config), hf.SOURCE_DEFAULTS
-        if "architecture" in folder_config and timm.looks_like(state):  # a timm hub folder
-            hub_hints = {**timm.hub_config_hints(folder_config), **hints}
-            converted = timm.to_ours(state, hub_hints)
-            converted.fields.update(hub_hints)  # what the folder says about the model
-            return converted, timm.SOURCE_DEFAULTS
-        raise ValueError(f"{config_path}: neither an HF ViT config nor a timm one")
-    kind = sniff(path)
-    if kind == "npz":
-        return vit_jax_npz.to_ours(vit_jax_npz.read(path)), vit_jax_npz.SOURCE_DEFAULTS
-    state = _read_state_dict(path)
-    if timm.looks_like(state):
-        return timm.to_ours(state, hints), timm.SOURCE_DEFAULTS
-    if any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings")) for k in state):
-        config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-        if not os.path.exists(config_path):
-            raise ValueError(f"{path}: Hugging Face ViT weights need their config.json beside them")
-        with open(config_path) as f:
-            return hf.to_ours(state, json.load(f)), hf.SOURCE_DEFAULTS
-    first = next(iter(state), None)
-    raise ValueError(f"{path}: a state dict of no known ViT layout (first key {first!r})")
+            f"{os.path.join(source.path, 'config.json')}: neither an HF ViT config nor a timm one"
+        )
+    first = next(iter(source.keys), None)
+    raise ValueError(f"{source.path}: a state dict of no known ViT layout (first key {first!r})")
 
 
 def variant_fields(variant: str | ViTConfig | None) -> dict[str, Any]:
@@ -228,26 +130,87 @@ def variant_fields(variant: str | ViTConfig | None) -> dict[str, Any]:
         return named
 
 
-def load_params(
-    path: str, *, variant: str | ViTConfig | None = None, **overrides
-) -> tuple[ViTConfig, dict]:
-    """(config, params) of any supported checkpoint; see the module docstring."""
+@dataclasses.dataclass
+class Loaded:
+    """A checkpoint read back: the model's config, its params, and its input convention."""
+
+    config: ViTConfig
+    params: dict
+    preprocessing: Preprocessing
+
+
+def _orbax(path: str) -> tuple[ViTConfig, dict, Preprocessing | None]:
+    config, params = checkpoints.read_model(path)
+    recorded = checkpoints.read_preprocessing(path)
+    return config, params, Preprocessing.from_dict(recorded) if recorded else None
+
+
+def _translated(path: str, hints: dict[str, Any]):
+    """A foreign (or our exported) file → (config of its params, params, preprocessing, origin,
+    preferred settings, whether the config is exactly the file's own)."""
+    source = Source(path)
+    described = source.embedded
+    # Our own files say what their tensors cannot (e.g. timm's heads); the caller may still override.
+    read_hints = {**described["config"], **hints} if described else hints
+    converted = detect_format(source).read(source, read_hints)
+    params = transfer.unflatten(converted.params)
+    if described:  # ours: the exact config and convention, nothing to infer or guess
+        config = ViTConfig.from_dict(described["config"])
+        pre = Preprocessing.from_dict(described["preprocessing"])
+        params = layout.drop_fixed_posemb(params, config)
+        return (
+            config.replace(scan=False),
+            params,
+            pre,
+            converted.origin,
+            {"scan": config.scan},
+            True,
+        )
+    config = layout.infer_config(converted, hints, converted.defaults)
+    for guess in converted.guessed:
+        log.warning("%s: guessed %s", path, guess)
+    preferred = {"scan": True} if converted.fields.get("scan") else {}  # keep big_vision's scan
+    return config, params, converted.preprocessing, converted.origin, preferred, False
+
+
+def load_checkpoint(
+    path: str,
+    *,
+    variant: str | ViTConfig | None = None,
+    pretrained: str | None = None,
+    **overrides,
+) -> Loaded:
+    """Config, params and preprocessing of any supported checkpoint; see the module docstring.
+
+    `pretrained` names a public checkpoint of the model `path` names (`vit_jax.list_pretrained()`),
+    e.g. load_checkpoint('ViT-B/16', pretrained='augreg-i21k-ft-i1k'): downloaded once, then cached.
+    """
+    named_pre = None
+    if pretrained is not None:
+        from vit_jax import pretrained as pretrained_lib
+
+        entry = pretrained_lib.find(path, pretrained)
+        path, named_pre = pretrained_lib.fetch(entry), entry.preprocessing
+        variant = variant or pretrained_lib.variant_of(entry) or None
     hints = {**variant_fields(variant), **overrides}
     path = localize(path)
     translated = not _is_orbax(path)
     if not translated:  # ours: the config was saved beside the params
-        source_config, params = checkpoints.read_model(path)
-        origin, preferred = {}, {}
+        source_config, params, pre = _orbax(path)
+        origin, preferred, exact = {}, {}, True
     elif not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     else:
-        converted, defaults = _translate(path, hints)
-        source_config = layout.infer_config(converted, hints, defaults)
-        params, origin = transfer.unflatten(converted.params), converted.origin
-        preferred = {"scan": True} if converted.fields.get("scan") else {}  # keep big_vision's scan
+        source_config, params, pre, origin, preferred, exact = _translated(path, hints)
     config = source_config.replace(**{**preferred, **hints})
-    if translated:
+    if translated and not exact:
         config = layout.canonical(config)
+    if config.posemb == "sincos2d" and source_config.posemb == "learn":
+        # A sin-cos model exported to a library without sin-cos: its table is fixed, not learned.
+        params = layout.drop_fixed_posemb(params, config)
+        source_config = source_config.replace(
+            posemb="sincos2d", posemb_covers_prefix=config.posemb_covers_prefix
+        )
     try:
         params = transfer.adapt_params(params, source_config, config)
     except transfer.ParamMismatchError as e:
@@ -256,15 +219,37 @@ def load_params(
                 f"{path}: {e} ({e.key!r} is {origin[e.key]!r} in the file)", e.key
             ) from None
         raise transfer.ParamMismatchError(f"{path}: {e}", e.key) from None
-    return config, jax.tree.map(np.asarray, params)
+    if pre is None:
+        pre = named_pre or (timm.name_preprocessing(variant) if isinstance(variant, str) else None)
+    if pre is None:
+        pre = DEFAULT
+        if not translated or Source(path).kind != "npz":  # published .npz: [-1, 1] by convention
+            log.warning(
+                "%s: guessed the input convention %s (the checkpoint does not record it)",
+                path,
+                DEFAULT.describe(),
+            )
+    return Loaded(config, jax.tree.map(np.asarray, params), pre)
+
+
+def load_params(
+    path: str, *, variant: str | ViTConfig | None = None, **overrides
+) -> tuple[ViTConfig, dict]:
+    """(config, params) of any supported checkpoint; see the module docstring."""
+    loaded = load_checkpoint(path, variant=variant, **overrides)
+    return loaded.config, loaded.params
 
 
 def load_pretrained(
-    path: str, *, variant: str | ViTConfig | None = None, **overrides
+    path: str, *, variant: str | ViTConfig | None = None, pretrained: str | None = None, **overrides
 ) -> tuple[VisionTransformer, dict]:
-    """(model, params) ready for `model.apply({'params': params}, images)`; see the module docstring."""
-    config, params = load_params(path, variant=variant, **overrides)
-    return VisionTransformer(config), params
+    """(model, params) ready for `model.apply({'params': params}, images)`; see the module docstring.
+
+    `load_pretrained('ViT-B/16', pretrained='augreg-i21k-ft-i1k')` fetches a public checkpoint by
+    name (see `vit_jax.list_pretrained()`).
+    """
+    loaded = load_checkpoint(path, variant=variant, pretrained=pretrained, **overrides)
+    return VisionTransformer(loaded.config), loaded.params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,68 +278,65 @@ def _write_bytes(data: bytes, path: str) -> None:
     os.replace(partial, path)
 
 
+def _format(format: str):
+    if format not in REGISTRY:
+        raise ValueError(f"format={format!r}: allowed {sorted(REGISTRY)}")
+    return REGISTRY[format]
+
+
+def check_representable(config: ViTConfig, format: str) -> None:
+    """ValueError naming everything of `config` that `format` cannot hold."""
+    problems = _format(format).unrepresentable(config)
+    if problems:
+        raise ValueError(f"format {format!r} cannot represent {', '.join(problems)}")
+
+
 def save_pretrained(
-    params: Any, path: str, format: str = "npz", model: VisionTransformer | ViTConfig | None = None
+    params: Any,
+    path: str,
+    format: str = "npz",
+    model: VisionTransformer | ViTConfig | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> str:
     """Write `params` of `model` as `format`; returns `path`.
 
     'npz': the published vit_jax layout, one file. 'timm': a safetensors state dict for
-    `timm.create_model(...).load_state_dict`, one file. 'hf': a folder with config.json and
-    model.safetensors for `ViTForImageClassification.from_pretrained` (`ViTModel` when
-    num_classes == 0). What each can represent, and what `load_pretrained` must be told again
-    (`reload_overrides`), is in the docstrings of `vit_jax.formats.*`.
+    `timm.create_model(...)` + `timm.models.load_checkpoint`, with timm's config.json (a folder when
+    `path` has no suffix, else `<stem>.config.json` beside the file). 'hf': a folder with config.json,
+    model.safetensors and preprocessor_config.json for `ViTForImageClassification.from_pretrained`
+    (`ViTModel` when num_classes == 0). Every file carries the full config and `preprocessing`
+    (default: [-1, 1] inputs), so `load_pretrained` reads it back exactly.
     """
-    from safetensors.numpy import save as safetensors_bytes
-
-    if format not in FORMATS:
-        raise ValueError(f"format={format!r}: allowed {sorted(FORMATS)}")
+    writer = _format(format)
     config = model.config if isinstance(model, VisionTransformer) else model
     if not isinstance(config, ViTConfig):
         raise ValueError("save_pretrained needs model= (a VisionTransformer or its ViTConfig)")
-    writer = FORMATS[format]
-    writer.check_representable(config)
-    flat = _host_flat(params, config)
-    if format == "npz":
-        # numpy has no bfloat16 of its own, so an .npz could not say what the bytes are.
-        flat = {
-            k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in flat.items()
-        }
-        _write_bytes(vit_jax_npz.write(vit_jax_npz.from_ours(flat, config)), path)
-        return path
-    tensors = {k: np.ascontiguousarray(v) for k, v in writer.from_ours(flat, config).items()}
-    # transformers refuses safetensors files without format metadata; torch ignores it.
-    weights = safetensors_bytes(tensors, metadata={"format": "pt"})
-    if format == "timm":
-        _write_bytes(weights, path)
-        return path
-    if "://" in path:
-        _gfile().makedirs(path)
-    else:
-        os.makedirs(path, exist_ok=True)
-    config_json = json.dumps(hf.to_hf_config(config), indent=2, sort_keys=True) + "\n"
-    _write_bytes(weights, f"{path}/{hf.WEIGHTS_FILE}")
-    _write_bytes(config_json.encode(), f"{path}/{hf.CONFIG_FILE}")
+    check_representable(config, format)
+    tensors = writer.from_ours(_host_flat(params, config), config)
+    embedded = json.dumps(
+        {"config": config.to_dict(), "preprocessing": (preprocessing or DEFAULT).to_dict()},
+        sort_keys=True,
+    )
+    outputs = writer.files(path, tensors, config, embedded)
+    for folder in {os.path.dirname(p) for p in outputs} - {os.path.dirname(path.rstrip("/"))}:
+        _gfile().makedirs(folder) if "://" in folder else os.makedirs(folder, exist_ok=True)
+    for out_path, data in outputs.items():
+        _write_bytes(data, out_path)
     return path
 
 
 def reload_overrides(params: Any, config: ViTConfig, format: str) -> dict[str, Any]:
-    """The overrides `load_pretrained` needs to rebuild exactly `config` from a `format` file.
+    """What loading `format`'s tensors alone (as another library's file) must be told to rebuild
+    exactly `config`. Our own files need none of it: they carry the config.
 
     Computed by translating the tensors that would be written back to our layout and inferring the
     config from them, as loading does, without touching the disk.
     """
-    writer = FORMATS[format]
+    writer = _format(format)
     tensors = writer.from_ours(_host_flat(params, config), config)
-    hints = {}
-    if format == "timm" and not config.qk_norm:
-        hints["num_heads"] = config.num_heads  # a fused qkv weight cannot tell
-    if format == "npz":
-        converted, defaults = vit_jax_npz.to_ours(tensors), vit_jax_npz.SOURCE_DEFAULTS
-    elif format == "timm":
-        converted, defaults = timm.to_ours(tensors, hints), timm.SOURCE_DEFAULTS
-    else:
-        converted, defaults = hf.to_ours(tensors, hf.to_hf_config(config)), hf.SOURCE_DEFAULTS
-    inferred = layout.canonical(layout.infer_config(converted, hints, defaults))
+    hints = writer.required_hints(config)
+    converted = writer.to_ours(tensors, hints, writer.side_config(config))
+    inferred = layout.canonical(layout.infer_config(converted, hints, converted.defaults))
     wanted = config.to_dict()
     differ = {k: v for k, v in wanted.items() if inferred.to_dict()[k] != v}
     return {**hints, **differ}
@@ -371,15 +353,23 @@ def _parse_value(text: str) -> Any:
         return text  # a bare string such as gap
 
 
+def set_flags(settings: dict[str, Any]) -> str:
+    """`--set FIELD=VALUE ...` that a shell passes through unchanged and `_parse_value` reads back."""
+    shown = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    # A bare word reads back as itself (gap, sincos2d); anything else as its Python literal.
+    text = lambda v: v if isinstance(v, str) and _parse_value(v) == v else repr(v)  # noqa: E731
+    return " ".join(f"--set {shlex.quote(f'{k}={text(v)}')}" for k, v in shown.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m vit_jax.convert",
         description="Convert a ViT checkpoint (vit_jax/big_vision .npz, timm, HF, Orbax) to "
-        "npz, timm or hf.",
+        f"{', '.join(REGISTRY)}.",
     )
     parser.add_argument("src", help="checkpoint file or folder (local, gs:// or http(s)://)")
-    parser.add_argument("dst", help="output file (npz, timm) or folder (hf)")
-    parser.add_argument("--to", required=True, choices=sorted(FORMATS), help="output format")
+    parser.add_argument("dst", help="output file (npz, timm) or folder (hf; timm without suffix)")
+    parser.add_argument("--to", required=True, choices=sorted(REGISTRY), help="output format")
     parser.add_argument("--variant", help="e.g. ViT-B/16 or vit_base_patch16_224")
     parser.add_argument(
         "--set",
@@ -389,6 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         help="a ViTConfig override, e.g. --set num_heads=12 --set image_size=384 (repeatable)",
     )
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s")
     overrides = {}
     for item in args.set:
         field, sep, value = item.partition("=")
@@ -396,15 +387,25 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--set {item!r}: expected FIELD=VALUE")
         overrides[field] = _parse_value(value)
     try:
-        config, params = load_params(args.src, variant=args.variant, **overrides)
-        save_pretrained(params, args.dst, format=args.to, model=config)
+        loaded = load_checkpoint(args.src, variant=args.variant, **overrides)
+        save_pretrained(
+            loaded.params, args.dst, format=args.to, model=loaded.config,
+            preprocessing=loaded.preprocessing,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
+    config = loaded.config
     print(f"wrote {args.dst} ({args.to}) of a model with {config}")
-    needed = reload_overrides(params, config, args.to)
+    print(f"inputs: {loaded.preprocessing.describe()}; config and inputs are stored in the file")
+    print(
+        "load it with:\n  " + REGISTRY[args.to].how_to_load(args.dst, config).replace("\n", "\n  ")
+    )
+    needed = reload_overrides(loaded.params, config, args.to)
     if needed:
-        settings = " ".join(f"--set {field}={value!r}" for field, value in needed.items())
-        print(f"{args.to} does not store these; give them again when loading: {settings}")
+        print(
+            f"a reader that ignores our metadata must be told: {set_flags(needed)} "
+            f"(vit_jax.load_pretrained needs nothing)"
+        )
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ PATH is anything `vit_jax.load_pretrained` reads: a published vit_jax or big_vis
 `.safetensors`, a Hugging Face folder, or one of this project's Orbax checkpoints (a run's
 `checkpoints/` folder, e.g. `workdirs/digits/checkpoints`, or one step in it). Each image is read with
 PIL (grayscale ↔ RGB as the checkpoint needs), resized whole to the checkpoint's own resolution
-(bilinear, antialiased, as the input pipeline does for evaluation; `--set image_size=...` picks another, resampling
-the position embeddings) and scaled to [-1, 1] by
-(x - 127.5) / 127.5, the convention of the published checkpoints.
+(bilinear, antialiased, as the input pipeline does for evaluation; `--set image_size=...` picks
+another, resampling the position embeddings) and normalized with the checkpoint's own input
+convention (`vit_jax.preprocessing`): what training recorded, our exports' metadata, a timm
+config's or HF preprocessor's mean/std; (x - 127.5) / 127.5, the published checkpoints' convention,
+otherwise (with a warning when that is a guess). A model trained on white-on-black digits gets a
+dark-on-light image inverted first (said on stderr).
 
 Class names: `--labels imagenet` uses the ImageNet-1k names that tensorflow_datasets ships; `--labels
 FILE` one name per line. Without `--labels`: a Hugging Face folder's own `id2label`, else the ImageNet
@@ -23,6 +26,7 @@ import ast
 import functools
 import importlib.util
 import json
+import logging
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -33,6 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vit_jax.models import VisionTransformer
+from vit_jax.preprocessing import DEFAULT, Preprocessing
 
 # tensorflow_datasets keeps the 1000 ImageNet-1k class names, in the standard (sorted WordNet id)
 # order, as a Python list in this module. We read it as text so that asking for names does not
@@ -71,18 +76,26 @@ def match_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     return np.round(luma)[..., None].astype(np.uint8)
 
 
-def preprocess(pixels: np.ndarray, image_size: Sequence[int], channels: int = 3) -> np.ndarray:
-    """uint8 (H, W, C) → float32 (*image_size, channels) in [-1, 1], resized as evaluation does."""
-    pixels = jnp.asarray(match_channels(pixels, channels), jnp.float32)
-    shape = (int(image_size[0]), int(image_size[1]), channels)
-    resized = jax.image.resize(pixels, shape, method="bilinear", antialias=True)
-    return np.asarray((jnp.clip(resized, 0.0, 255.0) - 127.5) / 127.5)
+def preprocess(
+    pixels: np.ndarray,
+    image_size: Sequence[int],
+    channels: int = 3,
+    preprocessing: Preprocessing = DEFAULT,
+) -> np.ndarray:
+    """uint8 (H, W, C) → float32 (*image_size, channels) model input, resized as evaluation does;
+    normalized by `preprocessing` (default: [-1, 1])."""
+    return preprocessing.apply(pixels, image_size, channels)
 
 
-def load_images(paths: Sequence[str], image_size: Sequence[int], channels: int = 3) -> np.ndarray:
+def load_images(
+    paths: Sequence[str],
+    image_size: Sequence[int],
+    channels: int = 3,
+    preprocessing: Preprocessing = DEFAULT,
+) -> np.ndarray:
     """The model inputs (B, H, W, C) for image files; every file is read before any is resized."""
     pixels = [read_image(path) for path in paths]
-    return np.stack([preprocess(p, image_size, channels) for p in pixels])
+    return np.stack([preprocess(p, image_size, channels, preprocessing) for p in pixels])
 
 
 # --- Class names ------------------------------------------------------------------------------------
@@ -206,6 +219,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a .npz, .safetensors, Hugging Face folder, or Orbax checkpoint (dir or step dir)",
     )
     parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="a public checkpoint's name for the model --checkpoint names, e.g. --checkpoint "
+        "ViT-B/16 --pretrained augreg-i21k-ft-i1k (see vit_jax.list_pretrained())",
+    )
+    parser.add_argument(
         "--variant",
         default=None,
         help="what the weights do not say, e.g. ViT-B/16 for timm's heads",
@@ -245,15 +264,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top_k < 1:
         parser.error("--top_k must be at least 1")
     overrides = _parse_overrides(parser, args.set)
-    from vit_jax import load_pretrained  # Interop imports safetensors & co; only needed here.
+    from vit_jax import convert  # Interop imports safetensors & co; only needed here.
 
+    logging.basicConfig(format="%(levelname)s: %(message)s")
     try:
         # Read every image first: a typo in the last file should not cost a checkpoint load.
         pixels = [read_image(path) for path in args.images]
-        model, params = load_pretrained(args.checkpoint, variant=args.variant, **overrides)
+        loaded = convert.load_checkpoint(
+            args.checkpoint, variant=args.variant, pretrained=args.pretrained, **overrides
+        )
+        model, params, pre = VisionTransformer(loaded.config), loaded.params, loaded.preprocessing
         cfg = model.config
         names = label_names(args.labels, cfg.num_classes, args.checkpoint)
-        images = np.stack([preprocess(p, cfg.image_size, cfg.num_channels) for p in pixels])
+        for path, p in zip(args.images, pixels):
+            if pre.orient(p)[1]:
+                print(f"{path}: inverted (the model expects {pre.polarity})", file=sys.stderr)
+        images = np.stack([preprocess(p, cfg.image_size, cfg.num_channels, pre) for p in pixels])
         probs, indices = predict(model, params, images, args.top_k, args.batch_size)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

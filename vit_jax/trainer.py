@@ -36,6 +36,7 @@ from vit_jax import (
     metrics,
     models,
     optim,
+    preprocessing,
     train_state,
     train_step,
 )
@@ -333,10 +334,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "device_count": jax.device_count(),
     }
 
+    # The input convention travels with the model, so predict/convert apply it without being told.
+    input_convention = preprocessing.for_training(config.dataset, data.image_shape[-1]).to_dict()
+
     def save(step):
         losses.check()  # never write a state that a NaN has reached
         with progress.paused():
-            ckpt.save(step, state, model_config, {**data_state, "step": step})
+            ckpt.save(step, state, model_config, {**data_state, "step": step}, input_convention)
         losses.latest_saved = step
 
     def run_eval(step):

@@ -6,9 +6,14 @@ Arrays first, drawings second:
                                                 + patches;
   `attention_rollout(attention)`              → how much each output token draws on each input token
                                                 through all layers (Abnar & Zuidema, 2020);
-  `class_token_attention`, `rollout_map`      → those weights as maps over the patch grid;
+  `class_token_attention`, `mean_attention`, `rollout_map`
+                                              → those weights as maps over the patch grid
+                                                (class token's row; or, for mean pooling, the
+                                                patch tokens' rows averaged, per layer and head);
   `attention_maps(model, params, images)`     → all of the above at once;
-  `posemb_similarity(params, config)`         → cosine similarity of the position embeddings (paper Fig. 7).
+  `posemb_similarity(params, config)`         → cosine similarity of the position embeddings (paper Fig. 7);
+                                                `plot_posemb_similarity` takes the same (params,
+                                                config), or the similarity it returns.
 The `plot_*` helpers draw onto `matplotlib.figure.Figure`s built without pyplot, so they work under any
 backend (Agg on a server, inline in a notebook) and never open windows; they return the figure.
 
@@ -103,6 +108,18 @@ def class_token_attention(attention: np.ndarray, num_prefix_tokens: int, grid: G
     return patches_to_grid(attention[..., 0, num_prefix_tokens:], grid)
 
 
+def mean_attention(attention: np.ndarray, num_prefix_tokens: int, grid: Grid) -> np.ndarray:
+    """How much the patch tokens attend to each patch, on average: (..., T, T) → (..., gh, gw).
+
+    What a mean-pooled (gap) head reads is the average of the patch tokens, so this is the per-layer
+    counterpart of `class_token_attention` for models without class-token pooling. Keeps every
+    leading axis: (L, B, heads, T, T) gives one map per layer, image and head.
+    """
+    attention = np.asarray(attention)
+    rows = attention[..., num_prefix_tokens:, num_prefix_tokens:]
+    return patches_to_grid(rows.mean(axis=-2), grid)
+
+
 def rollout_map(
     rollout: np.ndarray, num_prefix_tokens: int, grid: Grid, *, from_class_token: bool = True
 ) -> np.ndarray:
@@ -137,6 +154,7 @@ class AttentionMaps:
     rollout: np.ndarray  # (B, T, T)
     rollout_map: np.ndarray  # (B, gh, gw)
     class_attention: np.ndarray | None  # (L, B, heads, gh, gw); None without a class token
+    mean_attention: np.ndarray  # (L, B, heads, gh, gw): patch tokens' average attention per patch
     grid: Grid
     num_prefix_tokens: int
 
@@ -157,6 +175,7 @@ def attention_maps(model: VisionTransformer, params, images) -> AttentionMaps:
         class_attention=(
             class_token_attention(attention, n_prefix, grid) if cfg.has_class_token else None
         ),
+        mean_attention=mean_attention(attention, n_prefix, grid),
         grid=grid,
         num_prefix_tokens=n_prefix,
     )
@@ -283,13 +302,31 @@ def _mosaic(tiles: np.ndarray) -> np.ndarray:
 
 
 def plot_posemb_similarity(
-    similarity: np.ndarray, *, title: str | None = None, vmin: float | None = -1.0
+    similarity_or_params,
+    config: ViTConfig | None = None,
+    *,
+    title: str | None = None,
+    vmin: float | None = None,
 ) -> Figure:
     """Draws `posemb_similarity`: the map at grid cell (r, c) is patch (r, c)'s similarity to all.
 
-    The colour scale spans [-1, 1] as in the paper's Fig. 7; `vmin=None` stretches it to the data
-    instead (sin-cos embeddings, for instance, are all similar to each other at large widths).
+    Takes what `posemb_similarity` takes, `(params, config)`, or the (gh, gw, gh, gw) similarity it
+    returns. The colour scale runs from the data's minimum (`vmin=None`; sin-cos embeddings, for
+    instance, are all similar to each other at large widths, so a fixed -1 would draw them in one
+    colour) to 1; `vmin=-1` gives the paper's Fig. 7 scale.
     """
+    if config is not None:
+        similarity = posemb_similarity(similarity_or_params, config)
+    else:
+        similarity = np.asarray(similarity_or_params)
+        if similarity.ndim != 4:
+            raise ValueError(
+                f"similarity of shape {similarity.shape}: expected (gh, gw, gh, gw), or pass "
+                f"(params, config) as for posemb_similarity"
+            )
+    if vmin is None:
+        low = float(np.nanmin(similarity))
+        vmin = low if low < 1.0 else 0.0  # a single patch: only itself
     gh, gw = similarity.shape[:2]
     fig = Figure(figsize=(5.5, 5), layout="constrained")
     ax = fig.add_subplot()

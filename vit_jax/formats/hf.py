@@ -5,24 +5,33 @@ A folder with `config.json` (model_type 'vit') and `model.safetensors`. Classifi
 on the class token), which is exactly our pre-logits layer with no head. q/k/v are separate Linears
 (torch (out, in) layout), so with the config's `num_attention_heads` they reshape to our kernels.
 
-Representable: class-token pooling, learned posemb covering the class token, qkv bias or none, exact or
-tanh GELU, any LayerNorm epsilon, any image size; `num_classes == 0` is written as a `ViTModel` (with its
-pooler when the model has pre-logits). Not representable (ValueError): registers, LayerScale, qk-norm,
-MAP or mean pooling, fc_norm, sin-cos or no posemb, posemb not covering the class token, and pre-logits
-together with a head. Not stored: the scan layout.
+Representable: class-token pooling, learned posemb covering the class token, fixed sin-cos posemb
+(written as the learned table it equals, with a zero row for the class token), qkv bias or none, exact
+or tanh GELU, any LayerNorm epsilon, any image size; `num_classes == 0` is written as a `ViTModel` (with
+its pooler when the model has pre-logits). Not representable (ValueError): registers, LayerScale,
+qk-norm, MAP or mean pooling, fc_norm, no posemb, a learned posemb not covering the class token, and
+pre-logits together with a head. Not in HF's config: the scan layout; our files keep the full config
+under the `vit_jax` key of config.json, and the input convention in `preprocessor_config.json`, which
+HF's `ViTImageProcessor` reads (image_mean, image_std; we read them back too).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import numpy as np
 
+from vit_jax import preprocessing
 from vit_jax.formats import layout
+from vit_jax.formats.source import EMBEDDED_KEY, Source
 from vit_jax.model_config import ViTConfig
 
+NAME = "hf"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PREPROCESSOR_FILE = "preprocessor_config.json"
 SOURCE_DEFAULTS = ViTConfig(gelu_approximate=False, layernorm_epsilon=1e-12)
 # transformers' ACT2FN names → our GELU flavour.
 _GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
@@ -42,6 +51,54 @@ _BLOCK = {
 
 def looks_like(config: dict[str, Any]) -> bool:
     return config.get("model_type") == "vit"
+
+
+def _hf_keys(keys: Any) -> bool:
+    return any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings")) for k in keys)
+
+
+def detect(source: Source) -> bool:
+    if source.is_dir:
+        return looks_like(source.config_json or {})
+    return source.kind in ("safetensors", "torch") and _hf_keys(source.keys)
+
+
+def read(source: Source, hints: dict[str, Any]) -> layout.Converted:
+    if source.config_json is None:
+        raise ValueError(
+            f"{source.path}: Hugging Face ViT weights need their config.json beside them"
+        )
+    converted = to_ours(source.tensors, hints, source.config_json)
+    converted.preprocessing = processor_preprocessing(source.sibling_json(PREPROCESSOR_FILE))
+    return converted
+
+
+def processor_preprocessing(processor: dict[str, Any] | None) -> preprocessing.Preprocessing:
+    """An HF image processor config → our convention; absent: ViTImageProcessor's defaults (0.5)."""
+    processor = processor or {}
+    if processor.get("do_normalize", True) is False:
+        return preprocessing.Preprocessing(mean=(0.0,), std=(1.0,))
+    resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(processor.get("resample", 2))
+    return preprocessing.Preprocessing(
+        mean=processor.get("image_mean", (0.5, 0.5, 0.5)),
+        std=processor.get("image_std", (0.5, 0.5, 0.5)),
+        resize=resample or "bilinear",
+    )
+
+
+def processor_config(config: ViTConfig, pre: preprocessing.Preprocessing) -> dict[str, Any]:
+    """`preprocessor_config.json` for HF's ViTImageProcessor."""
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": config.image_size[0], "width": config.image_size[1]},
+        "resample": {"nearest": 0, "bilinear": 2, "bicubic": 3}[pre.resize],
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(pre.mean),
+        "image_std": list(pre.std),
+    }
 
 
 def config_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -64,8 +121,11 @@ def _kernel(weight: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(weight.T).reshape(shape)
 
 
-def to_ours(state: dict[str, np.ndarray], hf: dict[str, Any]) -> layout.Converted:
-    fields = config_fields(hf)
+def to_ours(
+    state: dict[str, np.ndarray], hints: dict[str, Any], hf: dict[str, Any] | None = None
+) -> layout.Converted:
+    del hints  # the HF config says what the weights do not
+    fields = config_fields(hf or {})
     original = {k.removeprefix("vit."): k for k in state}  # for error messages
     state = {k.removeprefix("vit."): v for k, v in state.items()}
     params, origin, used = {}, {}, set()
@@ -135,23 +195,33 @@ def to_ours(state: dict[str, np.ndarray], hf: dict[str, Any]) -> layout.Converte
             f"HF ViT checkpoint: {unknown[0]!r} {tuple(state[unknown[0]].shape)} has no counterpart "
             f"in this model"
         )
-    return layout.Converted(params, fields=fields, origin=origin, posemb_covers_prefix=True)
+    return layout.Converted(
+        params, fields=fields, origin=origin, posemb_covers_prefix=True, defaults=SOURCE_DEFAULTS
+    )
 
 
-def check_representable(config: ViTConfig) -> None:
+def unrepresentable(config: ViTConfig) -> list[str]:
+    learned = config.posemb == "learn"
     problems = {
         "registers (num_registers > 0)": config.num_registers,
         "LayerScale": config.layerscale_init is not None,
         "qk-norm": config.qk_norm,
         f"pool={config.pool!r} (only 'token')": config.pool != "token",
         "fc_norm": config.fc_norm,
-        f"posemb={config.posemb!r} (only 'learn')": config.posemb != "learn",
-        "a posemb that does not cover the class token": not config.posemb_covers_prefix,
+        f"posemb={config.posemb!r} (only 'learn' or 'sincos2d')": config.posemb == "none",
+        "a posemb that does not cover the class token": learned and not config.posemb_covers_prefix,
         "pre-logits together with a head": config.representation_size and config.num_classes,
     }
-    unsupported = [name for name, present in problems.items() if present]
-    if unsupported:
-        raise ValueError(f"format 'hf': HF ViT cannot represent {', '.join(unsupported)}")
+    return [name for name, present in problems.items() if present]
+
+
+def side_config(config: ViTConfig) -> dict[str, Any]:
+    return to_hf_config(config)
+
+
+def required_hints(config: ViTConfig) -> dict[str, Any]:
+    del config  # config.json says the heads
+    return {}
 
 
 def to_hf_config(config: ViTConfig) -> dict[str, Any]:
@@ -188,7 +258,7 @@ def to_hf_config(config: ViTConfig) -> dict[str, Any]:
 
 
 def from_ours(flat: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.ndarray]:
-    check_representable(config)
+    flat = layout.with_learned_posemb(flat, config, prefix_rows=True)
     # ViTForImageClassification prefixes its backbone with 'vit.'; a bare ViTModel does not.
     prefix = "vit." if config.num_classes else ""
     tensors: dict[str, np.ndarray] = {}
@@ -231,3 +301,33 @@ def from_ours(flat: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.nd
     elif config.representation_size:
         dense("pooler.dense", "pre_logits")
     return tensors
+
+
+def files(
+    path: str, tensors: dict[str, np.ndarray], config: ViTConfig, embedded: str
+) -> dict[str, bytes]:
+    """A folder: config.json (+ our full config under 'vit_jax'), model.safetensors, preprocessor."""
+    from safetensors.numpy import save as safetensors_bytes
+
+    described = json.loads(embedded)
+    pre = preprocessing.Preprocessing.from_dict(described["preprocessing"])
+    # transformers refuses safetensors files without format metadata; torch ignores it.
+    weights = safetensors_bytes(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"format": "pt"}
+    )
+    hf_config = {**to_hf_config(config), EMBEDDED_KEY: described}
+    as_json = lambda value: (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()  # noqa: E731
+    return {
+        os.path.join(path, WEIGHTS_FILE): weights,
+        os.path.join(path, CONFIG_FILE): as_json(hf_config),
+        os.path.join(path, PREPROCESSOR_FILE): as_json(processor_config(config, pre)),
+    }
+
+
+def how_to_load(path: str, config: ViTConfig) -> str:
+    cls = "ViTForImageClassification" if config.num_classes else "ViTModel"
+    return (
+        f"from transformers import {cls}, ViTImageProcessor\n"
+        f"model = {cls}.from_pretrained({path!r})\n"
+        f"processor = ViTImageProcessor.from_pretrained({path!r})"
+    )

@@ -36,6 +36,9 @@ class Converted:
     origin: dict[str, str] = dataclasses.field(default_factory=dict)  # our key → the source's key
     posemb_covers_prefix: bool | None = None  # None: decide from the position embedding's rows
     posemb_without_param: str = "sincos2d"  # what a checkpoint without posemb parameter means
+    defaults: ViTConfig | None = None  # the source library's defaults for what files do not say
+    preprocessing: Any = None  # `vit_jax.preprocessing.Preprocessing` when the source says
+    guessed: list[str] = dataclasses.field(default_factory=list)  # settings nobody gave: warned
 
     def source_key(self, key: str) -> str:
         return self.origin.get(key, key)
@@ -159,6 +162,11 @@ def infer_config(conv: Converted, hints: dict[str, Any], base: ViTConfig) -> ViT
         posemb = hints.get("posemb", conv.fields.get("posemb", conv.posemb_without_param))
         given = [hint for hint in image_hints if hint is not None]
         image_size = given[0] if given else default_image_size((ph, pw))
+        if not given:
+            conv.guessed.append(
+                f"image_size={list(image_size)} (no position embedding parameter tells the "
+                f"resolution; the published default)"
+            )
         # Without a posemb parameter the image size is free; keep the caller's, if any.
         shaped.update(posemb=posemb, posemb_covers_prefix=not prefix, image_size=image_size)
         if posemb == "learn":
@@ -177,3 +185,52 @@ def canonical(config: ViTConfig) -> ViTConfig:
     if config.class_token is not None and config.class_token == (config.pool == "token"):
         return config.replace(class_token=None)
     return config
+
+
+def sincos_table(config: ViTConfig) -> np.ndarray:
+    """The fixed sin-cos position embeddings of `config` as a (1, patches, width) float32 table."""
+    from vit_jax.models import posemb_sincos_2d
+
+    return np.asarray(posemb_sincos_2d(config.grid_size, config.hidden_size), np.float32)
+
+
+def with_learned_posemb(
+    flat: dict[str, np.ndarray], config: ViTConfig, prefix_rows: bool
+) -> dict[str, np.ndarray]:
+    """Writing for libraries without sin-cos: the fixed table as a learned posemb parameter.
+
+    `prefix_rows` adds zero rows for the class/register tokens (HF adds the posemb to the class
+    token too; a zero row leaves it as it is), so the forward pass is unchanged.
+    """
+    if config.posemb != "sincos2d":
+        return flat
+    table = sincos_table(config)
+    if prefix_rows and config.num_prefix_tokens:
+        zeros = np.zeros((1, config.num_prefix_tokens, config.hidden_size), np.float32)
+        table = np.concatenate([zeros, table], axis=1)
+    return {**flat, POSEMB: table}
+
+
+def drop_fixed_posemb(params: dict[str, Any], config: ViTConfig) -> dict[str, Any]:
+    """Reading back `with_learned_posemb`: the table goes when `config` says sin-cos and it matches.
+
+    `params` is the nested tree; a table that is not the fixed one raises (it was trained).
+    """
+    inputs = params.get("Transformer", {}).get("posembed_input")
+    if config.posemb != "sincos2d" or not inputs:
+        return params
+    table = np.asarray(inputs["pos_embedding"])
+    expected = sincos_table(config)
+    prefix = table.shape[1] - expected.shape[1]
+    if (
+        prefix < 0
+        or table.shape[2] != expected.shape[2]
+        or np.abs(table[:, :prefix]).max(initial=0.0) > 0
+        or np.abs(table[:, prefix:] - expected).max() > 1e-5
+    ):
+        raise ValueError(
+            f"posemb='sincos2d' was asked for, but {POSEMB!r} {table.shape} is not the fixed "
+            f"sin-cos table of a {config.grid_size} grid (a learned one?); load it with posemb='learn'"
+        )
+    transformer = {k: v for k, v in params["Transformer"].items() if k != "posembed_input"}
+    return {**params, "Transformer": transformer}

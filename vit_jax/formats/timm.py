@@ -1,75 +1,70 @@
-"""timm `VisionTransformer` state dicts ⇄ our layout.
+"""timm `VisionTransformer` state dicts ⇄ our layout, and timm's own model names and config.json.
 
 Torch layouts: a Linear stores (out, in), so our kernels are its transpose; the patch conv is OIHW (ours
 HWIO); attention input projections are fused into one `qkv` Linear (3·D, D) whose rows are [q; k; v],
 each (heads, head_dim) flattened. The fused weight does not tell the number of heads: it comes from the
-caller (`num_heads`, or a variant such as 'ViT-B/16' or 'vit_base_patch16_224'), or from the q/k-norm
-weights (head_dim,) when the model has them.
+caller (`num_heads`, or a variant such as 'ViT-B/16' or a timm name such as 'deit_tiny_patch16_224'),
+from a timm config.json (`model_args`), or from the q/k-norm weights (head_dim,) when the model has them.
 
 Representable: class token or none, registers (`reg_token`), learned posemb covering the prefix tokens
-or not (`no_embed_class`), no posemb, qk-norm, LayerScale (`ls1`/`ls2`), token/avg/MAP (`attn_pool`)
-pooling, `fc_norm`, qkv bias or none. Not representable (ValueError): fixed sin-cos posemb and a
-pre-logits layer (timm's VisionTransformer has neither).
-Not stored (`convert.reload_overrides` says which to pass again): heads (unless qk-norm), GELU flavour and LayerNorm epsilon (read back as
-timm's exact GELU and 1e-6), mean pooling with a class token and no fc_norm, the image size when there
-is no posemb or its grid is not square, and the scan layout.
+or not (`no_embed_class`), fixed sin-cos posemb (written as the learned `pos_embed` table it equals,
+timm has no sin-cos), no posemb, qk-norm, LayerScale (`ls1`/`ls2`), token/avg/MAP (`attn_pool`) pooling,
+`fc_norm`, qkv bias or none, exact or tanh GELU (`act_layer='gelu_tanh'`). Not representable
+(ValueError): a pre-logits layer (timm's VisionTransformer has none).
+Not in the tensors (`convert.reload_overrides` lists them): heads (unless qk-norm), GELU flavour and
+LayerNorm epsilon (read back as timm's exact GELU and 1e-6), mean pooling with a class token and no
+fc_norm, the image size when there is no posemb or its grid is not square, and the scan layout. What we
+write says all of it twice: our full config in the safetensors metadata, and timm's own config.json
+(`architecture` + `model_args` + `pretrained_cfg` mean/std) for `timm.create_model`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Any
 
 import numpy as np
 
+from vit_jax import preprocessing
 from vit_jax.formats import layout
-from vit_jax.model_config import WIDTHS, ViTConfig
+from vit_jax.formats.source import Source
+from vit_jax.formats.timm_config import (  # noqa: F401  (timm's names and config, re-exported)
+    architecture,
+    hub_config,
+    hub_config_hints,
+    hub_preprocessing,
+    model_args,
+    name_preprocessing,
+    not_in_hub_config,
+    parse_timm_name,
+)
+from vit_jax.model_config import ViTConfig
 
+NAME = "timm"
 SOURCE_DEFAULTS = ViTConfig(gelu_approximate=False, layernorm_epsilon=1e-6)
-_TIMM_WIDTHS = {
-    "tiny": "Ti",
-    "small": "S",
-    "medium": "M",
-    "base": "B",
-    "large": "L",
-    "so400m": "So400m",
-    "huge": "H",
-    "giant": "g",
-    "gigantic": "G",
-}
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
-def parse_timm_name(name: str) -> dict[str, Any] | None:
-    """'vit_base_patch16_224.augreg_in21k' → the width/depth/heads/patch/size it implies, or None."""
-    if not isinstance(name, str):
-        return None
-    tokens = name.removeprefix("timm/").split(".")[0].split("_")
-    patches = [int(t[5:]) for t in tokens if re.fullmatch(r"patch\d+", t)]
-    if len(tokens) < 3 or tokens[0] != "vit" or tokens[1] not in _TIMM_WIDTHS or not patches:
-        return None
-    fields = dict(WIDTHS[_TIMM_WIDTHS[tokens[1]]], patch_size=(patches[0], patches[0]))
-    sizes = [int(t) for t in tokens[2:] if t.isdigit()]
-    if sizes:
-        fields["image_size"] = sizes[0]
-    return fields
+def looks_like(keys: Any) -> bool:
+    return any(key.endswith("patch_embed.proj.weight") for key in keys)
 
 
-def hub_config_hints(hub: dict[str, Any]) -> dict[str, Any]:
-    """A timm hub folder's config.json ('architecture', optional 'model_args') → config fields."""
-    hints = parse_timm_name(hub.get("architecture", "")) or {}
-    args = hub.get("model_args", {})
-    pools = {"token": "token", "avg": "gap", "map": "map", "": "none"}
-    if "num_heads" in args:
-        hints["num_heads"] = args["num_heads"]
-    if "img_size" in args:
-        hints["image_size"] = args["img_size"]
-    if args.get("global_pool") in pools:
-        hints["pool"] = pools[args["global_pool"]]
-    return hints
+def detect(source: Source) -> bool:
+    if source.is_dir:  # a timm hub folder
+        return "architecture" in (source.config_json or {}) and looks_like(source.keys)
+    return source.kind in ("safetensors", "torch") and looks_like(source.keys)
 
 
-def looks_like(state: dict[str, Any]) -> bool:
-    return any(key.endswith("patch_embed.proj.weight") for key in state)
+def read(source: Source, hints: dict[str, Any]) -> layout.Converted:
+    hub = source.config_json if source.is_dir else None
+    hub_hints = hub_config_hints(hub) if hub else {}
+    converted = to_ours(source.tensors, {**hub_hints, **hints})
+    converted.fields.update(hub_hints)  # what the folder says about the model
+    converted.preprocessing = hub_preprocessing(hub) if hub else None
+    return converted
 
 
 def strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +125,10 @@ def _attention(put, get, ours: str, theirs: str, heads: int, state: dict) -> Non
             put(f"{ours}/{name}/bias", get(f"{theirs}.{norm}.bias"), f"{theirs}.{norm}.bias")
 
 
-def to_ours(state: dict[str, np.ndarray], hints: dict[str, Any]) -> layout.Converted:
+def to_ours(
+    state: dict[str, np.ndarray], hints: dict[str, Any], side: Any = None
+) -> layout.Converted:
+    del side  # a bare state dict; hub folders pass their config as hints
     state = strip_prefix(state)
     heads = _num_heads(state, hints)
     params, origin, used = {}, {}, set()
@@ -202,14 +200,22 @@ def to_ours(state: dict[str, np.ndarray], hints: dict[str, Any]) -> layout.Conve
             f"timm checkpoint: {unknown[0]!r} {tuple(state[unknown[0]].shape)} has no counterpart in "
             f"this model (unsupported timm option)"
         )
-    return layout.Converted(params, origin=origin, posemb_without_param="none")
+    return layout.Converted(
+        params, origin=origin, posemb_without_param="none", defaults=SOURCE_DEFAULTS
+    )
 
 
-def check_representable(config: ViTConfig) -> None:
-    if config.posemb == "sincos2d":
-        raise ValueError("format 'timm': timm's VisionTransformer has no fixed sin-cos posemb")
-    if config.representation_size is not None:
-        raise ValueError("format 'timm': timm's VisionTransformer has no pre-logits layer")
+def unrepresentable(config: ViTConfig) -> list[str]:
+    return ["a pre-logits layer"] if config.representation_size is not None else []
+
+
+def side_config(config: ViTConfig) -> None:
+    del config
+
+
+def required_hints(config: ViTConfig) -> dict[str, Any]:
+    """A fused qkv weight cannot tell the heads; q/k-norm weights can."""
+    return {} if config.qk_norm else {"num_heads": config.num_heads}
 
 
 def _rows(kernel: np.ndarray) -> np.ndarray:
@@ -236,7 +242,7 @@ def _attention_out(tensors: dict, flat: dict, ours: str, theirs: str, fused: dic
 
 
 def from_ours(flat: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.ndarray]:
-    check_representable(config)
+    flat = layout.with_learned_posemb(flat, config, prefix_rows=False)  # no_embed_class
     tensors: dict[str, np.ndarray] = {}
 
     def norm(theirs: str, ours: str) -> None:
@@ -293,3 +299,42 @@ def from_ours(flat: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.nd
     if config.num_classes:
         dense("head", "head")
     return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: weights + timm's config.json, and the call that builds the model.
+
+
+def files(
+    path: str, tensors: dict[str, np.ndarray], config: ViTConfig, embedded: str
+) -> dict[str, bytes]:
+    """A folder (timm's hub layout) when `path` has no file suffix, else the file + `<stem>.config.json`."""
+    from safetensors.numpy import save as safetensors_bytes
+
+    pre = preprocessing.Preprocessing.from_dict(json.loads(embedded)["preprocessing"])
+    weights = safetensors_bytes(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        # torch ignores the metadata; transformers refuses files without 'format'.
+        metadata={"format": "pt", "vit_jax": embedded},
+    )
+    hub = json.dumps(hub_config(config, pre), indent=2) + "\n"
+    if _is_folder(path):
+        return {f"{path}/{WEIGHTS_FILE}": weights, f"{path}/{CONFIG_FILE}": hub.encode()}
+    return {path: weights, os.path.splitext(path)[0] + ".config.json": hub.encode()}
+
+
+def _is_folder(path: str) -> bool:
+    return not os.path.splitext(os.path.basename(path.rstrip("/")))[1]
+
+
+def how_to_load(path: str, config: ViTConfig) -> str:
+    """The exact timm calls that build this model and load the weights strictly."""
+    weights = f"{path.rstrip('/')}/{WEIGHTS_FILE}" if _is_folder(path) else path
+    args = ", ".join(f"{k}={v!r}" for k, v in model_args(config).items())
+    lines = [
+        "import timm",
+        f"model = timm.create_model({architecture(config)!r}, pretrained=False, {args})",
+        f"timm.models.load_checkpoint(model, {weights!r})",
+    ]
+    lines += [f"# not expressible in timm's config: {x}" for x in not_in_hub_config(config)]
+    return "\n".join(lines)

@@ -6,10 +6,11 @@ of the old flax optimizer) and big_vision's `params/` (its renames are in `big_v
 Writing ('npz') stores every parameter of every model option under our names (loop layout), which is
 what timm's and big_vision's `.npz` loaders read for the options they know. A posemb that does not cover
 the class/register tokens is stored at the root as `pos_embedding`, big_vision's name for exactly that.
-Not stored (`convert.reload_overrides` says which to pass again): GELU flavour and LayerNorm epsilon
-(read back as tanh GELU and 1e-6, the published values), sin-cos vs no posemb (read back as sin-cos),
-the image size when there is no posemb parameter, mean pooling when a class token is also present,
-and the scan layout.
+Not in the tensors (`convert.reload_overrides` lists them): GELU flavour and LayerNorm epsilon (read
+back as tanh GELU and 1e-6, the published values), sin-cos vs no posemb (read back as sin-cos), the
+image size when there is no posemb parameter, mean pooling when a class token is also present, and the
+scan layout. Files we write carry all of these anyway: the full `ViTConfig` and the preprocessing are
+JSON in the zip archive's comment, which numpy, timm and big_vision ignore.
 """
 
 from __future__ import annotations
@@ -21,22 +22,22 @@ from typing import Any
 import numpy as np
 
 from vit_jax.formats import big_vision, layout
+from vit_jax.formats.source import Source
 from vit_jax.model_config import ViTConfig
 
+NAME = "npz"
 OPTIMIZER_PREFIX = "opt/target/"
 # What the published checkpoints were trained with; big_vision uses the same flax defaults.
 SOURCE_DEFAULTS = ViTConfig(gelu_approximate=True, layernorm_epsilon=1e-6)
 
 
-def read(path: str) -> dict[str, np.ndarray]:
-    """Every array of an `.npz`, read now (so a truncated file fails here, not halfway through)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as e:
-        raise ValueError(
-            f"{path}: not a readable .npz checkpoint (truncated or corrupt?): {e}"
-        ) from e
+def detect(source: Source) -> bool:
+    return source.kind == "npz"
+
+
+def read(source: Source, hints: dict[str, Any]) -> layout.Converted:
+    """Every array of the file in our layout; the published convention is [-1, 1] inputs."""
+    return to_ours(source.tensors, hints)
 
 
 def _only_under(flat: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -55,7 +56,10 @@ def _strip_prefix(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return flat
 
 
-def to_ours(flat: dict[str, np.ndarray]) -> layout.Converted:
+def to_ours(
+    flat: dict[str, np.ndarray], hints: dict[str, Any] | None = None, side: Any = None
+) -> layout.Converted:
+    del hints, side  # the names say everything the shapes do not leave open
     flat = _strip_prefix(flat)
     flat, scanned = big_vision.unscan(flat)
     params, origin = {}, {}
@@ -68,22 +72,48 @@ def to_ours(flat: dict[str, np.ndarray]) -> layout.Converted:
         origin[ours] = key
     fields = {"scan": True} if scanned else {}
     return layout.Converted(
-        params, fields=fields, origin=origin, posemb_covers_prefix=covers_prefix
+        params,
+        fields=fields,
+        origin=origin,
+        posemb_covers_prefix=covers_prefix,
+        defaults=SOURCE_DEFAULTS,
     )
 
 
-def check_representable(config: ViTConfig) -> None:
+def unrepresentable(config: ViTConfig) -> list[str]:
     del config  # Every option of our model has its parameters under our names.
+    return []
+
+
+def side_config(config: ViTConfig) -> None:
+    del config  # an .npz is self-contained
+
+
+def required_hints(config: ViTConfig) -> dict[str, Any]:
+    del config
+    return {}
 
 
 def from_ours(flat: dict[str, Any], config: ViTConfig) -> dict[str, np.ndarray]:
-    out = dict(flat)
+    # numpy has no bfloat16 of its own, so an .npz could not say what the bytes are.
+    out = {k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in flat.items()}
     if layout.POSEMB in out and not config.posemb_covers_prefix:
         out[big_vision.ROOT_POSEMB] = out.pop(layout.POSEMB)
     return out
 
 
-def write(tensors: dict[str, np.ndarray]) -> bytes:
+def files(
+    path: str, tensors: dict[str, np.ndarray], config: ViTConfig, embedded: str
+) -> dict[str, bytes]:
+    """One .npz at `path`; our description of the model is the zip archive's comment."""
+    del config
     buffer = io.BytesIO()  # np.savez on a path would append '.npz' to names that lack it.
     np.savez(buffer, **tensors)
-    return buffer.getvalue()
+    with zipfile.ZipFile(buffer, "a") as archive:
+        archive.comment = embedded.encode()
+    return {path: buffer.getvalue()}
+
+
+def how_to_load(path: str, config: ViTConfig) -> str:
+    del config
+    return f"vit_jax.load_pretrained({path!r}) (or numpy.load; big_vision and timm read it too)"

@@ -1,0 +1,122 @@
+"""Named public checkpoints: table → URL → download once into the cache → verify → load.
+
+The whole path runs against a local HTTP server (127.0.0.1, a free port, shut down after) that
+serves a small fixture under the same bucket path as a table entry, with the base URL overridden.
+"""
+
+import functools
+import hashlib
+import http.server
+import pathlib
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from helpers import FIXTURES
+
+import vit_jax
+from vit_jax import pretrained, transfer
+
+FIXTURE = FIXTURES / "vit_jax_gap" / "params.npz"
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A test entry in the table, its file served over http, and an empty cache."""
+    root = tmp_path / "bucket_root"
+    (root / "vit_models" / "test").mkdir(parents=True)
+    shutil.copy(FIXTURE, root / "vit_models" / "test" / "gap.npz")
+    data = FIXTURE.read_bytes()
+    entry = pretrained.Pretrained(
+        "ViT-Test/4", "gap-fixture", "vit_models/test/gap.npz", "a parity fixture", 10, 16,
+        "tests/fixtures", variant="", sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+    )  # fmt: skip
+    monkeypatch.setattr(pretrained, "TABLE", [*pretrained.TABLE, entry])
+    monkeypatch.setenv("VIT_JAX_CACHE", str(tmp_path / "cache"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("VIT_JAX_PRETRAINED_URL", f"http://127.0.0.1:{server.server_port}")
+    try:
+        yield entry, server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def assert_params_identical(a, b):
+    a, b = transfer.flatten(a), transfer.flatten(b)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_named_checkpoint_is_downloaded_once_verified_and_cached(served, monkeypatch):
+    entry, server = served
+    model, params = vit_jax.load_pretrained("ViT-Test/4", pretrained="gap-fixture")
+    expected_model, expected = vit_jax.load_pretrained(str(FIXTURE))
+    assert model.config == expected_model.config
+    assert_params_identical(params, expected)
+    cached = pretrained.cache_path(entry)
+    assert pathlib.Path(cached).read_bytes() == FIXTURE.read_bytes()
+    assert not list(pretrained.os.scandir(pretrained.os.path.dirname(cached)))[1:]  # no .partial
+    server.shutdown()  # offline from here on: the cache answers
+    monkeypatch.setenv("VIT_JAX_PRETRAINED_URL", "http://127.0.0.1:9")
+    _, again = vit_jax.load_pretrained("Test/4", pretrained="gap-fixture")
+    assert_params_identical(again, expected)
+
+
+def test_a_download_that_fails_verification_is_not_kept(served, monkeypatch):
+    entry, _ = served
+    bad = pretrained.Pretrained(**{**entry.__dict__, "name": "bad-sum", "sha256": "0" * 64})
+    monkeypatch.setattr(pretrained, "TABLE", [*pretrained.TABLE, bad])
+    with pytest.raises(ValueError, match="sha256 differs"):
+        vit_jax.load_pretrained("ViT-Test/4", pretrained="bad-sum")
+    assert not pretrained.os.path.exists(pretrained.cache_path(bad))
+    assert not pretrained.os.path.exists(pretrained.cache_path(bad) + ".partial")
+
+
+def test_a_corrupt_cached_copy_is_fetched_again(served):
+    entry, _ = served
+    cached = pretrained.cache_path(entry)
+    pretrained.os.makedirs(pretrained.os.path.dirname(cached))
+    pathlib.Path(cached).write_bytes(FIXTURE.read_bytes()[:-500])  # truncated
+    assert pretrained.fetch(entry) == cached
+    assert pathlib.Path(cached).read_bytes() == FIXTURE.read_bytes()
+
+
+def test_offline_error_says_what_to_download_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VIT_JAX_PRETRAINED_URL", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(FileNotFoundError) as error:
+        vit_jax.load_pretrained("ViT-B/16", pretrained="augreg-i21k-ft-i1k")
+    message = str(error.value)
+    entry = pretrained.find("ViT-B/16", "augreg-i21k-ft-i1k")
+    assert f"curl -o {pretrained.cache_path(entry)} {entry.url()}" in message
+    assert entry.url().startswith("http://127.0.0.1:9/vit_models/augreg/")  # the base in use
+    assert "gs://vit_models/augreg/B_16-i21k-300ep" in message
+    assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_unknown_names_list_what_exists():
+    with pytest.raises(ValueError, match="allowed: .*'augreg-i21k-ft-i1k'"):
+        vit_jax.load_pretrained("ViT-B/16", pretrained="augreg-i21k-ft-i2k")
+    with pytest.raises(ValueError, match="no public checkpoints of 'ViT-Z/16'"):
+        vit_jax.load_pretrained("ViT-Z/16", pretrained="i21k")
+
+
+def test_list_pretrained_shows_models_inputs_and_urls():
+    rows = vit_jax.list_pretrained()
+    names = {(r["model"], r["pretrained"]) for r in rows}
+    assert ("ViT-B/16", "augreg-i21k-ft-i1k") in names and ("ViT-S/16", "i1k-90ep") in names
+    for row in rows:
+        assert row["url"].startswith("https://storage.googleapis.com/")
+        assert row["url"].endswith(".npz")
+        assert row["inputs"] == "(x - 127.5) / 127.5, RGB"
+        assert "top1" in row and row["num_classes"] in (1000, 21843)
+        vit_jax.get_config(row["model"])  # every model name is a variant we can build
+    assert all(r["model"] == "ViT-L/16" for r in vit_jax.list_pretrained("L/16"))

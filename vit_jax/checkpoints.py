@@ -1,6 +1,6 @@
 """Orbax checkpoints of a training run: save, resume, and read a trained model back.
 
-Layout: `<workdir>/checkpoints/<step>/` holds three items:
+Layout: `<workdir>/checkpoints/<step>/` holds these items:
   state         {'params', 'opt_state', 'step'}: the arrays, sharded as they were (OCDBT/Zarr);
   model_config  JSON of `ViTConfig.to_dict()`, so a checkpoint says what model it belongs to;
   preprocessing JSON of `vit_jax.preprocessing.Preprocessing.to_dict()`: the input convention;

@@ -47,6 +47,7 @@ _DRY_RUN = flags.DEFINE_bool(
     "Print the resolved config and the model summary (parameters, FLOPs, tokens), then exit.",
 )
 cli.define_verbose_flag()
+flags.declare_key_flag("verbose")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -2,6 +2,9 @@ r"""A small ViT trained from scratch on the offline 8x8 digits: the main job's d
 
   python train.py --config configs/digits.py --workdir workdirs/digits
 
+Checkpoints every 275 steps (with each evaluation): a kill loses at most those steps, Ctrl-C or
+SIGTERM none (they save first); rerunning the command resumes.
+
 Expected: "Final test accuracy: 98.61% (360 examples)" after 1,684 steps, in about 3 minutes on 2 CPU
 cores (measured: 182 s wall for the whole command, compile and evaluation included, ~650 img/s).
 
@@ -70,5 +73,5 @@ def get_config():
 
     config.log_every_steps = 110
     config.eval_every_steps = 275
-    config.checkpoint_every_steps = 0
+    config.checkpoint_every_steps = 275  # Ctrl-C, SIGTERM or a kill loses at most 275 steps
     return config

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from vit_jax import models
+from vit_jax import cli, models
 from vit_jax import sharding as sharding_lib
 from vit_jax import train_step as train_step_lib
 
@@ -124,10 +125,32 @@ _ATTENTION = flags.DEFINE_string("attention_impl", "xla", "xla | cudnn | auto.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.")
+cli.define_verbose_flag()
+flags.declare_key_flag("verbose")
 
 
 def main(argv):
-    del argv
+    """Exit status 0, or 1 with one `FATAL` line (2 for a usage mistake); see vit_jax.cli."""
+    if len(argv) > 1:
+        print(f"FATAL unexpected arguments: {argv[1:]} (--help lists the flags)", file=sys.stderr)
+        return cli.EXIT_USAGE
+    cli.quiet_logs(cli.absl_verbose(), tensorflow=False)
+    return cli.run_guarded(_run, cli.absl_verbose)
+
+
+def _check_flags() -> None:
+    for flag in (_BATCH, _IMAGE, _STEPS, _REPEATS):
+        if flag.value < 1:
+            raise ValueError(f"--{flag.name}={flag.value} is invalid: must be >= 1")
+    unknown = sorted(set(_MODES.value) - {"train", "inference"})
+    if unknown or not _MODES.value:
+        raise ValueError(f"--modes={','.join(_MODES.value)} is invalid: allowed train, inference")
+    if _PEAK.value is not None and _PEAK.value <= 0:
+        raise ValueError(f"--peak_tflops={_PEAK.value} is invalid: must be > 0")
+
+
+def _run() -> int:
+    _check_flags()
     for mode in _MODES.value:
         result = benchmark(
             _VARIANT.value,
@@ -141,7 +164,8 @@ def main(argv):
             attention_impl=_ATTENTION.value,
         )
         print(json.dumps(result), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.absl_flags_parser)

@@ -15,6 +15,7 @@ Exit statuses (documented in the README, "When things go wrong"):
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -89,8 +90,12 @@ class _LibraryFilter(logging.Filter):
 _FILTER = _LibraryFilter()
 
 
-def quiet_logs(verbose: bool) -> None:
-    """Only our own lines unless `verbose`: call before importing TensorFlow, JAX or Orbax."""
+def quiet_logs(verbose: bool, *, tensorflow: bool = True) -> None:
+    """Only our own lines unless `verbose`: call before importing TensorFlow, JAX or Orbax.
+
+    `tensorflow`: load TensorFlow (and TFDS) now, silently; the commands that never need it
+    (predict, convert, benchmark) pass False and stay fast to start.
+    """
     if verbose:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -107,6 +112,8 @@ def quiet_logs(verbose: bool) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "Unable to init 'tpu'"
     sys.excepthook = _quiet_excepthook
     sys.unraisablehook = _quiet_unraisablehook
+    if not tensorflow:
+        return
     with _stderr_silenced():
         # TensorFlow's C++ start-up banner (oneDNN, absl::InitializeLog) bypasses every Python
         # setting: it is written to file descriptor 2 while the library loads.
@@ -171,12 +178,12 @@ def absl_flags_parser(argv: list[str]) -> list[str]:
 
 
 def define_verbose_flag():
-    """`--verbose`: tracebacks and library logs. Declared a key flag so --helpshort lists it."""
+    """`--verbose`: tracebacks and library logs. The caller declares it a key flag
+    (`flags.declare_key_flag('verbose')`) so that its --helpshort lists it."""
     from absl import flags
 
     if "verbose" not in flags.FLAGS:
         flags.DEFINE_bool("verbose", False, "Show tracebacks and the libraries' own log lines.")
-    flags.declare_key_flag("verbose")
     return flags.FLAGS["verbose"]
 
 
@@ -188,3 +195,28 @@ def absl_verbose() -> bool:
     if not f.is_parsed():
         return False
     return bool(("verbose" in f and f.verbose) or (f["verbosity"].present and f.verbosity >= 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse command lines (vit_jax.predict, vit_jax.convert).
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with `--verbose`, and a usage mistake as one FATAL line (exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show tracebacks and the libraries' own log lines",
+        )
+
+    def error(self, message: str):
+        self.exit(
+            EXIT_USAGE, f"FATAL {self.prog}: {' '.join(message.split())} (--help for usage)\n"
+        )
+
+
+def wants_verbose(argv) -> bool:
+    return "--verbose" in (sys.argv[1:] if argv is None else argv)

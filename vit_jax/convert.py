@@ -17,13 +17,13 @@ first parameter and both shapes, before any model is returned.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
 import os
 import shutil
 import struct
+import sys
 import urllib.parse
 import urllib.request
 import zipfile
@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import checkpoints, transfer
+from vit_jax import checkpoints, cli, transfer
 from vit_jax.formats import hf, layout, timm, vit_jax_npz
 from vit_jax.model_config import ViTConfig, parse_variant
 from vit_jax.models import VisionTransformer
@@ -372,7 +372,7 @@ def _parse_value(text: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m vit_jax.convert",
         description="Convert a ViT checkpoint (vit_jax/big_vision .npz, timm, HF, Orbax) to "
         "npz, timm or hf.",
@@ -395,17 +395,20 @@ def main(argv: list[str] | None = None) -> None:
         if not sep:
             parser.error(f"--set {item!r}: expected FIELD=VALUE")
         overrides[field] = _parse_value(value)
-    try:
+    cli.quiet_logs(args.verbose, tensorflow=False)
+
+    def run() -> int:
         config, params = load_params(args.src, variant=args.variant, **overrides)
         save_pretrained(params, args.dst, format=args.to, model=config)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
-    print(f"wrote {args.dst} ({args.to}) of a model with {config}")
-    needed = reload_overrides(params, config, args.to)
-    if needed:
-        settings = " ".join(f"--set {field}={value!r}" for field, value in needed.items())
-        print(f"{args.to} does not store these; give them again when loading: {settings}")
+        print(f"wrote {args.dst} ({args.to}) of a model with {config}")
+        needed = reload_overrides(params, config, args.to)
+        if needed:
+            settings = " ".join(f"--set {field}={value!r}" for field, value in needed.items())
+            print(f"{args.to} does not store these; give them again when loading: {settings}")
+        return 0
+
+    return cli.run_guarded(run, args.verbose)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -196,7 +196,12 @@ class Progress:
             "images_per_sec": images_per_sec,
             "images_per_sec_per_device": images_per_sec / jax.device_count(),
         }
-        eta = "?" if first_interval else _duration(self._step_seconds * (self.total_steps - step))
+        if step >= self.total_steps:  # the last line says how long it took, never "ETA ?"
+            eta = "0m00s (done)"
+        elif first_interval:
+            eta = "? (after compiling)"
+        else:
+            eta = _duration(self._step_seconds * (self.total_steps - step))
         width = len(str(self.total_steps))
         text = (
             f"step {step:>{width}}/{self.total_steps} | loss {scalars['loss']:.4f} | "

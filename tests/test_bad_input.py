@@ -44,7 +44,9 @@ def run_cli(monkeypatch, capsys):
         monkeypatch.setattr(sys, "argv", [kind, *args])  # config_flags reads overrides from it
         try:
             if kind in ("train", "benchmark"):
-                module = importlib.import_module("train" if kind == "train" else "vit_jax.benchmark")
+                module = importlib.import_module(
+                    "train" if kind == "train" else "vit_jax.benchmark"
+                )
                 parse = module._parse_flags if kind == "train" else cli.absl_flags_parser
                 flags.FLAGS.unparse_flags()
                 argv = parse([kind, *args])

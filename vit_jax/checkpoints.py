@@ -52,6 +52,7 @@ class TrainCheckpoints:
             # Orbax's max_to_keep=0 deletes every checkpoint, the final model included.
             raise ValueError(f"keep_checkpoints={keep!r} is invalid: must be an int >= 1")
         self.directory = absolute_path(directory)
+        _remove_interrupted_saves(self.directory)
         self._fingerprint = None
         self._started: list[int] = []
         options = ocp.CheckpointManagerOptions(
@@ -208,6 +209,16 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _remove_interrupted_saves(directory: epath.Path) -> None:
+    """Deletes Orbax's temporary step directories (`<step>.orbax-checkpoint-tmp-*`): what a kill
+    during a save leaves. They are never restored; removing them frees their space."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if ".orbax-checkpoint-tmp" in path.name:
+            path.rmtree() if path.is_dir() else path.unlink()
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -102,6 +102,8 @@ def quiet_logs(verbose: bool, *, tensorflow: bool = True) -> None:
     # TFDS's own deprecation warnings about its internals are nothing a user can act on.
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # JAX's persistent compilation cache failing to read/write (a full disk) is only slower.
+    warnings.filterwarnings("ignore", message=r".*persistent compilation cache.*")
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)

@@ -175,6 +175,13 @@ def _read_folder_weights(folder: str) -> dict[str, np.ndarray]:
     for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
         if os.path.exists(os.path.join(folder, name)):
             return _read_state_dict(os.path.join(folder, name))
+    if os.path.isdir(os.path.join(folder, "checkpoints")) or os.path.exists(
+        os.path.join(folder, "metrics.jsonl")
+    ):  # a training workdir (config.json is the run's config): say so, not "HF folder"
+        raise FileNotFoundError(
+            f"{folder} is a training workdir without a complete checkpoint yet (no "
+            f"{os.path.join(folder, 'checkpoints', '<step>')}); train until one is saved"
+        )
     raise ValueError(
         f"{folder}: config.json but no model.safetensors / pytorch_model.bin beside it"
     )

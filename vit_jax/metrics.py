@@ -28,7 +28,9 @@ def is_main_process() -> bool:
 def log(message: str) -> None:
     """A line on stdout from process 0 (flushed at once: runs are watched live)."""
     if is_main_process():
-        print(message, flush=True)
+        from vit_jax import progress  # (tqdm) lines go above a progress bar on a terminal
+
+        progress.write(message)
 
 
 class MetricWriter:

@@ -39,6 +39,7 @@ from vit_jax import (
     train_state,
     train_step,
 )
+from vit_jax import progress as progress_bars
 from vit_jax import sharding as sharding_lib
 from vit_jax import workdir as workdir_lib
 
@@ -87,9 +88,11 @@ def _get_datasets(config):
 def evaluate(eval_step, params, data, mesh) -> dict[str, float]:
     """loss, top1 (and top5 with ≥ 5 classes) over the whole eval split, each example once."""
     totals = None
-    for batch in sharding_lib.prefetch_to_device(data.eval_iter(), mesh):
-        sums = eval_step(params, batch)
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    with progress_bars.bar(data.num_eval_batches, "eval", unit="batch") as bar:
+        for batch in sharding_lib.prefetch_to_device(data.eval_iter(), mesh):
+            sums = eval_step(params, batch)
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+            bar.update(1)
     totals = jax.device_get(totals)
     count = float(totals["count"])
     if count == 0:
@@ -269,10 +272,14 @@ def train_and_evaluate(
         data.train_iter(start_step=start_step), mesh, config.prefetch_to_device
     )
     try:
-        with stops.StopSignals() as stop:
+        with (
+            stops.StopSignals() as stop,
+            progress_bars.bar(total_steps, "train", start_step) as bar,
+        ):
             while step < total_steps:
                 state, step_metrics = step_fn(state, next(batches))
                 step += 1
+                bar.update(1)
                 ckpt.check_for_errors()  # a failed background save ends the run now
                 losses.add(step, step_metrics["loss"])
                 if step == total_steps or (

@@ -6,7 +6,6 @@ import glob
 import json
 import os
 import pathlib
-import resource
 import shutil
 import signal
 import subprocess
@@ -119,11 +118,15 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_earlier_checkpoints(
     shutil.copytree(tiny_workdir, work)
     cmd = train_cmd(tiny_config_path, work, digits_data_dir, "--config.total_steps=8")
 
-    def limit_file_size():  # writes past 4 KiB fail with EFBIG (Python ignores SIGXFSZ)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-
+    # A full disk, made real enough: the child's writes past 4 KiB fail with EFBIG (Python ignores
+    # SIGXFSZ), so the tiny checkpoint's array file cannot be written. (A wrapper sets the limit
+    # and execs train.py: no fork from this multithreaded test process.)
+    limit = (
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
+    )
     start = time.monotonic()
-    result = run(cmd, preexec_fn=limit_file_size)
+    result = run([sys.executable, "-c", limit, *cmd[1:]])
     assert result.returncode == 1
     assert result.stderr.strip().startswith("FATAL CheckpointWriteError: could not write")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -13,7 +13,7 @@ import jax
 import tqdm
 
 
-def bar(total: int, desc: str, initial: int = 0, unit: str = "step"):
+def bar(total: int | None, desc: str, initial: int = 0, unit: str = "step"):
     """A tqdm bar (a disabled one off-terminal or on processes other than 0)."""
     return tqdm.tqdm(
         total=total,

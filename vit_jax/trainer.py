@@ -88,7 +88,7 @@ def _get_datasets(config):
 def evaluate(eval_step, params, data, mesh) -> dict[str, float]:
     """loss, top1 (and top5 with ≥ 5 classes) over the whole eval split, each example once."""
     totals = None
-    with progress_bars.bar(data.num_eval_batches, "eval", unit="batch") as bar:
+    with progress_bars.bar(getattr(data, "num_eval_batches", None), "eval", unit="batch") as bar:
         for batch in sharding_lib.prefetch_to_device(data.eval_iter(), mesh):
             sums = eval_step(params, batch)
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)

@@ -4,9 +4,17 @@ r"""Train or fine-tune a Vision Transformer from a config file.
   python train.py --config configs/finetune.py:ViT-B/16,cifar10 --workdir workdirs/ft \
       --config.init_from=ViT-B_16.npz --config.total_steps=500
 
-Any config field can be overridden with --config.<key>=<value> (see configs/common.py for them all).
-Re-running the same command resumes from the newest checkpoint in the workdir. Library logs (Orbax,
-TFDS) are shown from WARNING up; `--verbosity=0` shows their INFO lines too.
+Any config field can be overridden with --config.<key>=<value> (see configs/common.py for them all);
+the ones that matter most: total_steps / total_epochs, batch_size, optim.learning_rate,
+schedule.warmup_steps, dataset, data_dir, init_from, checkpoint_every_steps, model.*.
+
+Re-running the same command resumes from the newest checkpoint in the workdir. A workdir belongs to
+one run: another config is refused (use a new --workdir, or --restart) and so is a second trainer.
+--dry_run prints the resolved config and the model (parameters, FLOPs, tokens) and touches nothing.
+
+Exit status: 0 done; 1 an error (one FATAL line says what to change; --verbose adds the traceback
+and the libraries' logs); 2 a command-line mistake; 130 stopped by Ctrl-C, 143 by SIGTERM (both
+after saving a checkpoint: rerun the same command to resume). A second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -14,8 +22,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from vit_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -26,7 +36,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics, config.json and curves.png."
 )
-flags.mark_flags_as_required(["config", "workdir"])
 # One process per host (see vit_jax/distributed.py): auto-detected on Cloud TPU, SLURM, Open MPI,
 # Kubernetes; these three start it by hand on bare machines.
 _COORDINATOR = flags.DEFINE_string(
@@ -40,14 +49,25 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "distributed_heartbeat_timeout", 100, "Seconds after which a silent process counts as dead."
 )
+_RESTART = flags.DEFINE_bool(
+    "restart",
+    False,
+    "Start over in a workdir that holds another run (it is moved to <workdir>/previous-<n>/).",
+)
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Print the resolved config and the model summary (parameters, FLOPs, tokens), then exit.",
+)
+cli.define_verbose_flag()
+flags.declare_key_flag("verbose")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with one clear line for a --config.<key> the config does not have."""
+    """absl's flag parsing (help exits 0), with one clear line for a --config.<key> the config
+    does not have and for a config file that does not load."""
     try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help.")
+        argv = cli.absl_flags_parser(argv)
     except (AttributeError, KeyError) as e:
         # ml_collections reports an unknown key as AttributeError(KeyError("'key'\nDid you mean...")).
         while e.args and isinstance(e.args[0], BaseException):
@@ -55,44 +75,67 @@ def _parse_flags(argv: list[str]) -> list[str]:
         key, _, hint = str(e.args[0] if e.args else e).strip("'\"").partition("\n")
         key = key.strip("'\"")
         given = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a]
-        sys.exit(
+        print(
             f"FATAL unknown config key {key!r} in {' '.join(given) or 'the overrides'}. "
-            f"{hint.strip()} Every field is listed and documented in configs/common.py."
+            f"{hint.strip()} Every field is listed and documented in configs/common.py.",
+            file=sys.stderr,
         )
+        sys.exit(cli.EXIT_USAGE)
+    except Exception as e:  # noqa: BLE001  (a config file that does not import or run)
+        if "--verbose" in argv:
+            raise
+        print(f"FATAL the config file does not load: {cli.fatal_line(e)[6:]}", file=sys.stderr)
+        sys.exit(cli.EXIT_USAGE)
+    missing = [name for name in ("config", "workdir") if flags.FLAGS[name].value is None]
+    if missing and not flags.FLAGS.dry_run:
+        print(
+            f"FATAL missing {' and '.join('--' + m for m in missing)} (--help lists the flags)",
+            file=sys.stderr,
+        )
+        sys.exit(cli.EXIT_USAGE)
+    if flags.FLAGS.config is None:
+        print("FATAL missing --config (--help lists the flags)", file=sys.stderr)
+        sys.exit(cli.EXIT_USAGE)
+    return argv
+
+
+def _train() -> int:
+    # Progress goes to stdout; the libraries' own logs only with --verbose / --verbosity=0.
+    cli.quiet_logs(cli.absl_verbose())
+    from vit_jax import distributed  # before any other JAX call
+
+    distributed.initialize(
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        init_timeout_s=_INIT_TIMEOUT.value,
+        heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+    )
+    from vit_jax import trainer  # TensorFlow & co. load only once the flags are valid
+
+    if _DRY_RUN.value:
+        from vit_jax import summary
+
+        summary.print_dry_run(_CONFIG.value)
+        return 0
+    result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, restart=_RESTART.value)
+    if result["preempted"]:
+        status = cli.EXIT_SIGINT if result["stopped_by"] == "SIGINT" else cli.EXIT_SIGTERM
+        print(
+            f"Stopped by {result['stopped_by']} at step {result['step']} after saving a "
+            f"checkpoint in {result['checkpoint_dir']}; rerun the same command to resume "
+            f"(exit status {status}).",
+            flush=True,
+        )
+        return status
+    return 0
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        # Progress goes to stdout; Orbax alone logs dozens of INFO lines per checkpoint.
-        logging.set_verbosity(logging.WARNING)
-    from vit_jax import distributed  # before any other JAX call
-
-    try:
-        distributed.initialize(
-            _COORDINATOR.value,
-            _NUM_PROCESSES.value,
-            _PROCESS_ID.value,
-            init_timeout_s=_INIT_TIMEOUT.value,
-            heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
-        )
-    except distributed.DistributedError as e:
-        sys.exit(f"FATAL DistributedError: {e}")
-    from vit_jax import train_state, trainer  # TensorFlow & co. load only once the flags are valid
-
-    try:
-        result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (
-        trainer.NonFiniteLossError,
-        train_state.InitCheckpointError,
-        FileNotFoundError,
-        distributed.DistributedError,
-    ) as e:
-        # The user's to fix, and the message says how; a traceback would only bury it.
-        sys.exit(f"FATAL {type(e).__name__}: {e}")
-    if result["preempted"]:
-        print("Stopped by SIGTERM after saving; rerun the same command to resume.", flush=True)
+        print(f"FATAL unexpected arguments: {argv[1:]} (--help lists the flags)", file=sys.stderr)
+        return cli.EXIT_USAGE
+    return cli.run_guarded(_train, cli.absl_verbose)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@ r"""A small ViT trained from scratch on the offline 8x8 digits: the main job's d
 
   python train.py --config configs/digits.py --workdir workdirs/digits
 
+Checkpoints every 275 steps (with each evaluation): a kill loses at most those steps, Ctrl-C or
+SIGTERM none (they save first); rerunning the command resumes.
+
 Expected: "Final test accuracy: 98.89% (360 examples)" after 1,684 steps. The data order is one
 global permutation per epoch (the same on any process count); with it this command gave 98.89%,
 in 51 min wall on 2 cores shared with ~6 other jobs (load ~12: that time is the machine's). Before
@@ -75,5 +78,5 @@ def get_config():
 
     config.log_every_steps = 110
     config.eval_every_steps = 275
-    config.checkpoint_every_steps = 0
+    config.checkpoint_every_steps = 275  # Ctrl-C, SIGTERM or a kill loses at most 275 steps
     return config

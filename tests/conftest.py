@@ -14,3 +14,50 @@ def digits_data_dir(tmp_path_factory) -> str:
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     tfds.builder("digits", data_dir=data_dir).download_and_prepare()
     return data_dir
+
+
+TINY_TRAIN_CONFIG = """
+from configs import common
+
+def get_config(arg=None):
+    config = common.get_config()
+    config.model = common.model_config(
+        None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=(4, 4)
+    )
+    config.dataset = "digits"
+    config.image_size = 16
+    config.batch_size = 32
+    config.eval_batch_size = 360
+    config.total_steps = 3
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    config.pp.crop_area_range = None
+    config.schedule.warmup_steps = 0
+    return config
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_config_path(tmp_path_factory) -> str:
+    """A config file for a 11k-parameter ViT on digits (3 steps, checkpoints at 2 and 3)."""
+    path = tmp_path_factory.mktemp("config") / "tiny_train.py"
+    path.write_text(TINY_TRAIN_CONFIG)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory, tiny_config_path, digits_data_dir) -> str:
+    """One tiny trained workdir (checkpoints at steps 2 and 3), trained in-process once per
+    session; tests copy it (`shutil.copytree`) before changing anything in it."""
+    import importlib.util
+
+    from vit_jax import trainer
+
+    spec = importlib.util.spec_from_file_location("tiny_train_config", tiny_config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data_dir = digits_data_dir
+    workdir = str(tmp_path_factory.mktemp("tiny_run") / "workdir")
+    trainer.train_and_evaluate(config, workdir)
+    return workdir

@@ -225,12 +225,12 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(monkeypatch, tmp_pat
     assert second["eval"] == pytest.approx(uninterrupted["eval"], rel=1e-6)
 
 
-def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path):
+def test_nonfinite_loss_names_the_step_and_keeps_the_newest_checkpoint(monkeypatch, tmp_path):
     # A NaN image in the batch of step 7; losses are only checked at the step-10 save.
     use_fake_data(monkeypatch, nan_at_step=6)
     config = tiny_config(total_steps=12, log_every_steps=100, checkpoint_every_steps=5)
     with pytest.raises(
-        trainer.NonFiniteLossError, match=r"at step 7\b.*last good checkpoint is step 5"
+        trainer.NonFiniteLossError, match=r"at step 7\b.*the newest checkpoint is step 5"
     ):
         trainer.train_and_evaluate(config, str(tmp_path))
     assert checkpoints.TrainCheckpoints(tmp_path / "checkpoints").all_steps() == [5]

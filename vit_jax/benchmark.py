@@ -28,6 +28,7 @@ from typing import Any
 import jax
 from absl import app, flags
 
+from vit_jax import cli
 from vit_jax.bench import flops as flops_lib
 from vit_jax.bench import jax_side, torch_side
 from vit_jax.model_config import ViTConfig, get_config
@@ -224,10 +225,32 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per side; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the JSON report to this file.")
+cli.define_verbose_flag()
+flags.declare_key_flag("verbose")
 
 
 def main(argv):
-    del argv
+    """Exit status 0, or 1 with one `FATAL` line (2 for a usage mistake); see vit_jax.cli."""
+    if len(argv) > 1:
+        print(f"FATAL unexpected arguments: {argv[1:]} (--help lists the flags)", file=sys.stderr)
+        return cli.EXIT_USAGE
+    cli.quiet_logs(cli.absl_verbose(), tensorflow=False)
+    return cli.run_guarded(_run, cli.absl_verbose)
+
+
+def _check_flags() -> None:
+    for flag in (_BATCH, _IMAGE, _STEPS, _REPEATS):
+        if flag.value < 1:
+            raise ValueError(f"--{flag.name}={flag.value} is invalid: must be >= 1")
+    unknown = sorted(set(_MODES.value) - {"train", "inference"})
+    if unknown or not _MODES.value:
+        raise ValueError(f"--modes={','.join(_MODES.value)} is invalid: allowed train, inference")
+    if _PEAK.value is not None and _PEAK.value <= 0:
+        raise ValueError(f"--peak_tflops={_PEAK.value} is invalid: must be > 0")
+
+
+def _run() -> int:
+    _check_flags()
     overrides = dict(
         image_size=_IMAGE.value,
         dtype=_DTYPE.value,
@@ -254,7 +277,8 @@ def main(argv):
         with open(_JSON.value, "w") as f:
             f.write(text + "\n")
     print(text, flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.absl_flags_parser)

@@ -5,8 +5,15 @@ Layout: `<workdir>/checkpoints/<step>/` holds these items:
   model_config  JSON of `ViTConfig.to_dict()`, so a checkpoint says what model it belongs to;
   preprocessing JSON of `vit_jax.preprocessing.Preprocessing.to_dict()`: the input convention;
   data_state    JSON, e.g. {"step": 1200, "order": "global", "process_count": 2, ...}: where the
-                input pipeline resumes, and the topology that wrote it.
+                input pipeline resumes, and the topology that wrote it;
+  integrity     JSON: a fingerprint of every array of `state` and a copy of `data_state`
+                (see `vit_jax.integrity`), verified on restore.
 Every process calls save/restore (Orbax coordinates the hosts; each writes its own shards).
+
+Damage: restoring (`restore_newest_intact`) tries the steps newest first; a step that cannot be
+read or whose fingerprint does not match is reported in one warning line, moved aside to
+`<workdir>/checkpoints-damaged/<step>` and the previous complete one is used. Orbax's temporary
+directories of an interrupted save are removed when the manager starts.
 """
 
 from __future__ import annotations
@@ -19,9 +26,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vit_jax import integrity
 from vit_jax.model_config import ViTConfig
 
-ITEMS = ("state", "model_config", "preprocessing", "data_state")
+ITEMS = ("state", "model_config", "preprocessing", "data_state", "integrity")
+DAMAGED_DIR = "checkpoints-damaged"  # sibling of checkpoints/: out of Orbax's step listing
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only, permission): path and cause."""
+
+
+class DamagedCheckpointError(ValueError):
+    """No checkpoint in the directory could be restored intact."""
 
 
 class TrainCheckpoints:
@@ -33,10 +50,18 @@ class TrainCheckpoints:
     """
 
     def __init__(self, directory: str | epath.Path, *, keep: int = 3, async_save: bool = True):
+        if not isinstance(keep, int) or keep < 1:
+            # Orbax's max_to_keep=0 deletes every checkpoint, the final model included.
+            raise ValueError(f"keep_checkpoints={keep!r} is invalid: must be an int >= 1")
         self.directory = absolute_path(directory)
+        _remove_interrupted_saves(self.directory)
+        self._fingerprint = None
+        self._started: list[int] = []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            create=True,
+            # The directory is made by the first save, so a refused start leaves no trace.
+            create=False,
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
             # The trainer decides when to save (interval, end, preemption); Orbax keeps every one.
             save_interval_steps=1,
@@ -57,14 +82,55 @@ class TrainCheckpoints:
         data_state: dict[str, Any],
         preprocessing: dict[str, Any] | None = None,
     ) -> None:
-        items = dict(
-            state=ocp.args.StandardSave(state),
-            model_config=ocp.args.JsonSave(model_config.to_dict()),
-            data_state=ocp.args.JsonSave(data_state),
+        """Starts writing `step`; raises CheckpointWriteError (path and cause) if it cannot.
+
+        An earlier asynchronous save that failed is reported here too, before anything new starts.
+        """
+        self.check_for_errors()
+        try:
+            integrity.check_writable(self.directory)
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._write_error(step, e) from None
+        record = {"arrays": self._fingerprint_of(state), "data_state": data_state}
+        self._started.append(step)
+        try:
+            items = dict(
+                state=ocp.args.StandardSave(state),
+                model_config=ocp.args.JsonSave(model_config.to_dict()),
+                data_state=ocp.args.JsonSave(data_state),
+                integrity=ocp.args.JsonSave(record),
+            )
+            if preprocessing is not None:
+                items["preprocessing"] = ocp.args.JsonSave(preprocessing)
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._write_error(None, e) from e
+
+    def _fingerprint_of(self, state: dict) -> dict[str, str]:
+        if self._fingerprint is None:
+            self._fingerprint = integrity.make_fingerprint()
+        return self._fingerprint(state)
+
+    def _write_error(self, step: int | None, error: BaseException) -> CheckpointWriteError:
+        if step is None:  # an asynchronous save failed: the oldest started one not committed
+            committed = set(self.all_steps())
+            failed = [s for s in self._started if s not in committed]
+            step = failed[0] if failed else None
+        where = self.directory if step is None else self.directory / str(step)
+        cause = integrity.storage_cause(error)
+        return CheckpointWriteError(
+            f"could not write the checkpoint {where}: {cause}. The earlier checkpoints in "
+            f"{self.directory} are intact; free space or fix permissions, then rerun the same "
+            f"command to resume"
         )
-        if preprocessing is not None:
-            items["preprocessing"] = ocp.args.JsonSave(preprocessing)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointWriteError if a background save failed."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:
+            raise self._write_error(None, e) from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[dict, dict]:
         """(state, data_state) of `step` (default: the newest), placed as `abstract_state` says.
@@ -85,11 +151,80 @@ class TrainCheckpoints:
         )
         return restored.state, restored.data_state
 
+    def _restore_verified(self, abstract_state: Any, step: int) -> tuple[dict, dict]:
+        item_dir = self.directory / str(step) / "integrity"
+        if not item_dir.exists():
+            if (self.directory / str(step) / "state").exists():
+                # Written before fingerprints existed: restored as it is.
+                return self.restore(abstract_state, step)
+            raise DamagedCheckpointError(f"step {step} has no state/ or integrity/ item")
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data_state=ocp.args.JsonRestore(),
+                integrity=ocp.args.JsonRestore(),
+            ),
+        )
+        record = restored.integrity
+        if record.get("data_state") != restored.data_state:
+            raise DamagedCheckpointError("data_state differs from the one recorded at save time")
+        integrity.verify(self._fingerprint_of(restored.state), record.get("arrays", {}))
+        return restored.state, restored.data_state
+
+    def restore_newest_intact(self, abstract_state: Any, warn=print) -> tuple[dict, dict] | None:
+        """(state, data_state) of the newest step that restores and verifies; None if no steps.
+
+        A damaged step (unreadable, truncated, or not matching its fingerprint) is reported with
+        one `warn` line and moved to `<workdir>/checkpoints-damaged/`, so that later saves and
+        `keep_checkpoints` never count it. Raises DamagedCheckpointError when every step is damaged.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return self._restore_verified(abstract_state, step)
+            except Exception as e:  # noqa: BLE001  (any failure to read a step means: damaged)
+                moved = self._move_aside(step)
+                warn(
+                    f"WARNING checkpoint step {step} in {self.directory} is damaged "
+                    f"({integrity.short_reason(e)}); moved to {moved}, trying the previous one"
+                )
+        if steps:
+            raise DamagedCheckpointError(
+                f"every checkpoint in {self.directory} is damaged (steps {steps}, now in "
+                f"{self.directory.parent / DAMAGED_DIR}); rerun with --restart to start over"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> epath.Path:
+        target_root = self.directory.parent / DAMAGED_DIR
+        target_root.mkdir(parents=True, exist_ok=True)
+        target = target_root / str(step)
+        if target.exists():
+            target = target_root / f"{step}.{len(list(target_root.iterdir()))}"
+        (self.directory / str(step)).rename(target)
+        self._manager.reload()
+        return target
+
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until every started save is committed; raises CheckpointWriteError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(None, e) from e
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _remove_interrupted_saves(directory: epath.Path) -> None:
+    """Deletes Orbax's temporary step directories (`<step>.orbax-checkpoint-tmp-*`): what a kill
+    during a save leaves. They are never restored; removing them frees their space."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if ".orbax-checkpoint-tmp" in path.name:
+            path.rmtree() if path.is_dir() else path.unlink()
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

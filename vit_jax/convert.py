@@ -21,7 +21,6 @@ first parameter and both shapes, before any model is returned.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import hashlib
@@ -30,6 +29,7 @@ import logging
 import os
 import shlex
 import shutil
+import sys
 import urllib.parse
 import urllib.request
 from typing import Any
@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import checkpoints, transfer
+from vit_jax import checkpoints, cli, transfer
 from vit_jax.formats import REGISTRY, layout, timm
 from vit_jax.formats.source import Source
 from vit_jax.model_config import ViTConfig, parse_variant
@@ -362,7 +362,7 @@ def set_flags(settings: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m vit_jax.convert",
         description="Convert a ViT checkpoint (vit_jax/big_vision .npz, timm, HF, Orbax) to "
         f"{', '.join(REGISTRY)}.",
@@ -386,27 +386,31 @@ def main(argv: list[str] | None = None) -> None:
         if not sep:
             parser.error(f"--set {item!r}: expected FIELD=VALUE")
         overrides[field] = _parse_value(value)
-    try:
+    cli.quiet_logs(args.verbose, tensorflow=False)
+
+    def run() -> int:
         loaded = load_checkpoint(args.src, variant=args.variant, **overrides)
         save_pretrained(
             loaded.params, args.dst, format=args.to, model=loaded.config,
             preprocessing=loaded.preprocessing,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
-    config = loaded.config
-    print(f"wrote {args.dst} ({args.to}) of a model with {config}")
-    print(f"inputs: {loaded.preprocessing.describe()}; config and inputs are stored in the file")
-    print(
-        "load it with:\n  " + REGISTRY[args.to].how_to_load(args.dst, config).replace("\n", "\n  ")
-    )
-    needed = reload_overrides(loaded.params, config, args.to)
-    if needed:
+        config = loaded.config
+        print(f"wrote {args.dst} ({args.to}) of a model with {config}")
         print(
-            f"a reader that ignores our metadata must be told: {set_flags(needed)} "
-            f"(vit_jax.load_pretrained needs nothing)"
+            f"inputs: {loaded.preprocessing.describe()}; config and inputs are stored in the file"
         )
+        how = REGISTRY[args.to].how_to_load(args.dst, config).replace("\n", "\n  ")
+        print("load it with:\n  " + how)
+        needed = reload_overrides(loaded.params, config, args.to)
+        if needed:
+            print(
+                f"a reader that ignores our metadata must be told: {set_flags(needed)} "
+                f"(vit_jax.load_pretrained needs nothing)"
+            )
+        return 0
+
+    return cli.run_guarded(run, args.verbose)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

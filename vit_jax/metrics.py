@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import time
 from typing import Any
 
@@ -27,7 +28,9 @@ def is_main_process() -> bool:
 def log(message: str) -> None:
     """A line on stdout from process 0 (flushed at once: runs are watched live)."""
     if is_main_process():
-        print(message, flush=True)
+        from vit_jax import progress  # (tqdm) lines go above a progress bar on a terminal
+
+        progress.write(message)
 
 
 class MetricWriter:
@@ -42,7 +45,7 @@ class MetricWriter:
 
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._tensorboard = SummaryWriter(logdir=str(self.workdir))
-            self._jsonl = (self.workdir / "metrics.jsonl").open("a")
+            self._jsonl = _JsonlAppender(self.workdir / "metrics.jsonl")
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
         if not self._enabled:
@@ -50,8 +53,7 @@ class MetricWriter:
         scalars = {k: float(v) for k, v in scalars.items()}
         for name, value in scalars.items():
             self._tensorboard.add_scalar(f"{split}/{name}", value, step)
-        self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append({"step": int(step), "split": split, **scalars})
 
     def close(self) -> None:
         if self._enabled:
@@ -59,19 +61,65 @@ class MetricWriter:
             self._jsonl.close()
 
 
+class _JsonlAppender:
+    """Appends one JSON line per call with a single `write(2)` on an O_APPEND descriptor.
+
+    A kill can then only cut the last line short, never interleave two; a torn line left by an
+    earlier run is ended first, so the next record starts on a line of its own.
+    """
+
+    def __init__(self, path: epath.Path):
+        self.path = str(path)
+        if "://" in self.path:  # remote: no O_APPEND; etils appends as well as it can
+            self._file, self._fd = epath.Path(self.path).open("a"), None
+            return
+        self._file = None
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self._fd).st_size
+        if size:
+            with open(self.path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(self._fd, b"\n")
+
+    def append(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record) + "\n").encode()
+        if self._fd is None:
+            self._file.write(data.decode())
+            self._file.flush()
+        else:
+            os.write(self._fd, data)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        elif self._file is not None:
+            self._file.close()
+
+
 def read_metrics(path: str | epath.Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """metrics.jsonl → {split: {metric: [(step, value), ...] sorted by step}}, last write wins.
 
     A run resumed from step S rewrites steps after S; keeping the last value per step keeps the
-    curves those of the run that finished.
+    curves those of the run that finished. A line that is not a whole record (a kill during the
+    append) is skipped with one warning.
     """
     latest: dict[tuple[str, str, int], float] = {}
-    for line in epath.Path(path).read_text().splitlines():
+    torn = []
+    for number, line in enumerate(epath.Path(path).read_text().splitlines(), start=1):
         if line.strip():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or "step" not in record or "split" not in record:
+                    raise ValueError("not a metrics record")
+            except ValueError:
+                torn.append(number)
+                continue
             for key, value in record.items():
                 if key not in ("step", "split"):
                     latest[(record["split"], key, record["step"])] = value
+    if torn:
+        log(f"WARNING skipped {len(torn)} unreadable line(s) of {path} (line {torn[0]}, ...)")
     curves: dict[str, dict[str, list]] = collections.defaultdict(
         lambda: collections.defaultdict(list)
     )
@@ -150,7 +198,12 @@ class Progress:
             "images_per_sec": images_per_sec,
             "images_per_sec_per_device": images_per_sec / jax.device_count(),
         }
-        eta = "?" if first_interval else _duration(self._step_seconds * (self.total_steps - step))
+        if step >= self.total_steps:  # the last line says how long it took, never "ETA ?"
+            eta = "0m00s (done)"
+        elif first_interval:
+            eta = "? (after compiling)"
+        else:
+            eta = _duration(self._step_seconds * (self.total_steps - step))
         width = len(str(self.total_steps))
         text = (
             f"step {step:>{width}}/{self.total_steps} | loss {scalars['loss']:.4f} | "

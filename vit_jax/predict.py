@@ -26,7 +26,6 @@ import ast
 import functools
 import importlib.util
 import json
-import logging
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from vit_jax import cli
 from vit_jax.models import VisionTransformer
 from vit_jax.preprocessing import DEFAULT, Preprocessing
 
@@ -209,7 +209,7 @@ def format_predictions(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m vit_jax.predict",
         description="Print the top-k classes a ViT checkpoint predicts for each image.",
     )
@@ -259,15 +259,19 @@ def _parse_overrides(parser: argparse.ArgumentParser, items: Sequence[str]) -> d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0, or 1 with one `FATAL` line (2 for a usage mistake); see vit_jax.cli."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.top_k < 1:
-        parser.error("--top_k must be at least 1")
+        parser.error(f"--top_k={args.top_k} must be at least 1")
+    if args.batch_size < 1:
+        parser.error(f"--batch_size={args.batch_size} must be at least 1")
     overrides = _parse_overrides(parser, args.set)
-    from vit_jax import convert  # Interop imports safetensors & co; only needed here.
+    cli.quiet_logs(args.verbose, tensorflow=False)
 
-    logging.basicConfig(format="%(levelname)s: %(message)s")
-    try:
+    def run() -> int:
+        from vit_jax import convert  # Interop imports safetensors & co; only needed here.
+
         # Read every image first: a typo in the last file should not cost a checkpoint load.
         pixels = [read_image(path) for path in args.images]
         loaded = convert.load_checkpoint(
@@ -281,12 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{path}: inverted (the model expects {pre.polarity})", file=sys.stderr)
         images = np.stack([preprocess(p, cfg.image_size, cfg.num_channels, pre) for p in pixels])
         probs, indices = predict(model, params, images, args.top_k, args.batch_size)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path, p, i in zip(args.images, probs, indices):
-        print(format_predictions(path, p, i, names))
-    return 0
+        for path, p, i in zip(args.images, probs, indices):
+            print(format_predictions(path, p, i, names))
+        return 0
+
+    return cli.run_guarded(run, args.verbose)
 
 
 if __name__ == "__main__":

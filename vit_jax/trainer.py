@@ -13,14 +13,15 @@ stopped: the state (params, optimizer moments, step) is restored, the input pipe
 the saved step, and dropout keys are folded from the step.
 
 Failures keep what was done: a non-finite loss stops the run with the step named, before any
-checkpoint containing it is written; SIGTERM (preemption) saves a checkpoint and returns.
+checkpoint containing it is written; SIGTERM (preemption) and Ctrl-C save a checkpoint and return
+(`vit_jax.stops`); a damaged newest checkpoint is skipped for the previous one (`checkpoints`); a
+start that is refused (bad config, workdir of another run or in use) changes nothing in the
+workdir (`vit_jax.workdir`).
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -31,20 +32,24 @@ from etils import epath
 
 from vit_jax import (
     checkpoints,
+    config_checks,
     dispatch,
     distributed,
     metrics,
     models,
     optim,
     preprocessing,
+    stops,
     train_state,
     train_step,
 )
+from vit_jax import progress as progress_bars
 from vit_jax import sharding as sharding_lib
+from vit_jax import workdir as workdir_lib
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+    """The loss became NaN/inf; the message names the step and the newest saved checkpoint."""
 
 
 def total_steps_of(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
@@ -84,50 +89,14 @@ def _get_datasets(config):
     return input_pipeline.get_datasets(config)
 
 
-class _PreemptionSignal:
-    """Notices a preemption (SIGTERM) so the loop can checkpoint and stop between two steps.
-
-    One process: our own SIGTERM handler sets a flag. Several processes: they must all stop at the
-    same step, or the checkpoint's collectives would hang, so JAX's preemption sync service (which
-    `jax.distributed.initialize` starts, and which catches SIGTERM itself) picks the step; without
-    that service SIGTERM keeps its default effect and the newest checkpoint is where a rerun resumes.
-    """
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-        self._multihost = jax.process_count() > 1
-
-    def __enter__(self):
-        if not self._multihost and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.received = True
-
-    def should_stop(self, step: int) -> bool:
-        if not self._multihost:
-            return self.received
-        from jax.experimental import multihost_utils
-
-        try:
-            return multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError:  # no preemption service: SIGTERM just ends the processes
-            return False
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def evaluate(eval_step, params, data, mesh) -> dict[str, float]:
     """loss, top1 (and top5 with ≥ 5 classes) over the whole eval split, each example once."""
     totals = None
-    for batch in sharding_lib.prefetch_to_device(data.eval_iter(), mesh):
-        sums = eval_step(params, batch)
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    with progress_bars.bar(getattr(data, "num_eval_batches", None), "eval", unit="batch") as bar:
+        for batch in sharding_lib.prefetch_to_device(data.eval_iter(), mesh):
+            sums = eval_step(params, batch)
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+            bar.update(1)
     totals = jax.device_get(totals)
     count = float(totals["count"])
     if count == 0:
@@ -144,12 +113,6 @@ def _format_eval(step: int, results: dict[str, float]) -> str:
         f"eval at step {step}: loss {results['loss']:.4f} | top1 {100 * results['top1']:.2f}%"
         f"{top5} ({int(results['count'])} examples)"
     )
-
-
-def _write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    if metrics.is_main_process():
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 class _LossWatch:
@@ -182,7 +145,7 @@ class _LossWatch:
         for step, value in zip(steps, values):
             if not np.isfinite(value):
                 kept = (
-                    f"the last good checkpoint is step {self.latest_saved} in {self.checkpoint_dir}"
+                    f"the newest checkpoint is step {self.latest_saved} in {self.checkpoint_dir}"
                     if self.latest_saved is not None
                     else "no checkpoint had been saved yet"
                 )
@@ -203,14 +166,17 @@ class _LossWatch:
 
 def _initial_state(config, ckpt, model, tx, shapes, shardings) -> tuple[dict, int]:
     """(state, step): the newest checkpoint's if there is one, else step 0 from init_from/random."""
-    if ckpt.latest_step() is None:
+    restored = ckpt.restore_newest_intact(
+        checkpoints.abstract_with_shardings(shapes, shardings), warn=metrics.log
+    )
+    if restored is None:
         params = None
         if config.init_from:
             params = train_state.load_init_params(config.init_from, model.config)
             metrics.log(f"Initialized from {config.init_from}")
         rng = jax.random.key(config.seed)
         return train_state.init_state(model, tx, shardings, rng, params), 0
-    state, data_state = ckpt.restore(checkpoints.abstract_with_shardings(shapes, shardings))
+    state, data_state = restored
     step = int(data_state["step"])
     _warn_on_topology_change(data_state)
     if int(jax.device_get(state["step"])) != step:
@@ -259,17 +225,26 @@ def _warn_on_topology_change(data_state: dict) -> None:
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False
+) -> dict[str, Any]:
     """Train (or resume) as `config` says, evaluate, and write everything to `workdir`.
 
+    `restart`: start over in a workdir that holds another run (moved to `previous-<n>/`).
     Returns {'step': final step, 'eval': final eval metrics, 'train_losses': {step: loss} of the
-    steps this call ran, 'preempted': bool}.
+    steps this call ran, 'preempted': bool, 'stopped_by': 'SIGTERM' | 'SIGINT' | None}.
     """
     workdir = checkpoints.absolute_path(workdir)
     distributed.check_same_config(config)  # first: a differing config could fail on one only
+    config_checks.validate_training(config)
     mesh = sharding_lib.make_mesh(config.mesh)
     metrics.log(distributed.describe(mesh))
     _check_batch_sizes(config, mesh)
+    owner = workdir_lib.Workdir(
+        str(workdir), restart=restart, main_process=metrics.is_main_process()
+    )
+    owner.check_writable()
+    owner.check_not_in_use()
     data = _get_datasets(config)
     distributed.check_shared_workdir(workdir)
     total_steps = total_steps_of(config, data.num_train_examples)
@@ -277,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, data.num_classes, num_channels=data.image_shape[-1]
     )
     model = models.VisionTransformer(model_config)
-    _write_config(config, workdir)
+    config_json = config.to_json_best_effort(indent=2, sort_keys=True)
+    owner.check_config(config_json, total_steps, data.num_train_examples)
 
     tx, lr_schedule = optim.make_optimizer(
         config.optim, config.schedule, models.param_shapes(model), total_steps
@@ -288,10 +264,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     _log_sharding(shapes, shardings, mesh)
 
-    ckpt = checkpoints.TrainCheckpoints(
-        workdir / "checkpoints", keep=config.keep_checkpoints, async_save=config.async_checkpoints
-    )
-    state, start_step = _initial_state(config, ckpt, model, tx, shapes, shardings)
+    owner.claim()
+    try:
+        if owner.moved_to:
+            metrics.log(f"--restart: the previous run in {workdir} was moved to {owner.moved_to}")
+        ckpt = checkpoints.TrainCheckpoints(
+            workdir / "checkpoints",
+            keep=config.keep_checkpoints,
+            async_save=config.async_checkpoints,
+        )
+        state, start_step = _initial_state(config, ckpt, model, tx, shapes, shardings)
+        owner.commit(config_json)  # only now: every check that can refuse the start has passed
+    except BaseException:
+        owner.abandon()
+        raise
     metrics.log(
         f"Model: {models.count_params(shapes['params']):,} parameters | mesh {dict(mesh.shape)} | "
         f"{total_steps} steps of {config.batch_size} examples "
@@ -364,7 +350,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.prefetch_to_device,
     )
     try:
-        with _PreemptionSignal() as preemption:
+        with (
+            stops.StopSignals() as stop,
+            progress_bars.bar(total_steps, "train", start_step) as bar,
+        ):
             while step < total_steps:
                 size, batch = next(batches)
                 if size == 1:
@@ -373,6 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     state, step_metrics = multi_step_fn(state, batch)
                 losses.add(step + 1, step_metrics["loss"])
                 step += size
+                bar.update(size)
+                ckpt.check_for_errors()  # a failed background save ends the run now
                 if step == total_steps or (
                     config.log_every_steps and step % config.log_every_steps == 0
                 ):
@@ -386,8 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     writer.write(step, "train", {**scalars, **throughput})
                 if config.eval_every_steps and step % config.eval_every_steps == 0:
                     eval_results = run_eval(step)
-                if preemption.should_stop(step):
-                    metrics.log(f"Preempted (SIGTERM) at step {step}: saving a checkpoint")
+                if stop.should_stop(step):  # SIGTERM / Ctrl-C: the step is done; save it
                     if jax.process_count() > 1:  # every process says where it stopped
                         logging.warning("Process %d stops at step %d", jax.process_index(), step)
                     save(step)
@@ -402,9 +392,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     eval_results = run_eval(step)
         losses.check()
     finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
+        try:
+            ckpt.wait()
+        finally:
+            ckpt.close()
+            writer.close()
+            owner.release()
 
     if not preempted:
         metrics.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
@@ -417,4 +410,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "eval": eval_results,
         "train_losses": dict(losses.history),
         "preempted": preempted,
+        "stopped_by": stop.received if preempted else None,
+        "checkpoint_dir": str(ckpt.directory),
     }

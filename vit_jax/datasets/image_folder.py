@@ -91,7 +91,25 @@ def scan_folder(root: str) -> FolderListing:
                     files[split].append((relpath, label_of[class_name]))
         if not files[split]:
             raise ValueError(f"Split folder {split_dir!r} holds no images ({layout}).")
+    _check_classes(root, class_names, files)
     return FolderListing(root, class_names, files, num_ignored)
+
+
+def _check_classes(root: str, class_names: tuple[str, ...], files: dict) -> None:
+    """At least two classes with images (one class trains to a meaningless 100 %); a class folder
+    without any image is named in a warning (it still takes a label, so the head has its output)."""
+    used = {label for split_files in files.values() for _, label in split_files}
+    empty = [name for label, name in enumerate(class_names) if label not in used]
+    if len(used) < 2:
+        raise ValueError(
+            f"Image folder {root!r} has {len(used)} class(es) with images "
+            f"({', '.join(class_names) or 'none'}): classification needs at least 2 class folders "
+            f"with images in <root>/<split>/<class_name>/."
+        )
+    if empty:
+        logging.warning(
+            "Image folder %r: class folder(s) %s hold no images in any split", root, empty
+        )
 
 
 def find_undecodable(paths: list[str]) -> list[str]:

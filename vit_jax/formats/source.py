@@ -107,6 +107,13 @@ def _folder_weights(folder: str) -> str | list[str]:
     for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
         if os.path.exists(os.path.join(folder, name)):
             return os.path.join(folder, name)
+    if os.path.isdir(os.path.join(folder, "checkpoints")) or os.path.exists(
+        os.path.join(folder, "metrics.jsonl")
+    ):  # a training workdir (config.json is the run's config): say so, not "HF folder"
+        raise FileNotFoundError(
+            f"{folder} is a training workdir without a complete checkpoint yet (no "
+            f"{os.path.join(folder, 'checkpoints', '<step>')}); train until one is saved"
+        )
     raise ValueError(
         f"{folder}: config.json but no model.safetensors / pytorch_model.bin beside it"
     )

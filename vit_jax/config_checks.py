@@ -1,0 +1,71 @@
+"""Checks on the training fields of a config (optimizer, schedule, loop), before any work starts.
+
+The data fields are checked by `vit_jax.data.validation`, the model's by `ViTConfig` itself; this
+module covers the rest, so that nonsense (a negative learning rate trains by gradient ascent,
+keep_checkpoints=0 deletes the final model) is one clear error instead of a silent bad run.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+LOSSES = ("softmax_xent", "sigmoid_xent")
+
+
+def _int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def validate_training(config) -> None:
+    """Raises ValueError naming the first bad training field, its value and what is allowed."""
+    optim, schedule = config.optim, config.schedule
+    lr = optim.learning_rate
+    _require(_number(lr) and lr > 0, "optim.learning_rate", lr, "must be a number > 0")
+    for field in ("weight_decay", "grad_clip_norm"):
+        value = optim[field]
+        _require(_number(value) and value >= 0, f"optim.{field}", value, "must be >= 0 (0 = off)")
+    for field in ("momentum", "b1", "b2"):
+        value = optim[field]
+        _require(_number(value) and 0 <= value < 1, f"optim.{field}", value, "must be in [0, 1)")
+    _require(_number(optim.eps) and optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
+
+    warmup = schedule.warmup_steps
+    _require(_int(warmup) and warmup >= 0, "schedule.warmup_steps", warmup, "must be an int >= 0")
+    end = schedule.end_lr_fraction
+    _require(_number(end) and 0 <= end <= 1, "schedule.end_lr_fraction", end, "must be in [0, 1]")
+    cooldown = schedule.cooldown_steps
+    _require(
+        _int(cooldown) and cooldown >= 0, "schedule.cooldown_steps", cooldown, "must be an int >= 0"
+    )
+
+    steps, epochs = config.get("total_steps"), config.get("total_epochs")
+    _require(steps is None or (_int(steps) and steps >= 0), "total_steps", steps, "must be > 0")
+    _require(
+        epochs is None or (_number(epochs) and epochs >= 0), "total_epochs", epochs, "must be > 0"
+    )
+    accum = config.accum_steps
+    _require(_int(accum) and accum >= 1, "accum_steps", accum, "must be an int >= 1")
+    for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        value = config[field]
+        _require(_int(value) and value >= 0, field, value, "must be an int >= 0 (0 = off)")
+    keep = config.keep_checkpoints
+    _require(
+        _int(keep) and keep >= 1,
+        "keep_checkpoints",
+        keep,
+        "must be an int >= 1 (the newest checkpoint is always kept)",
+    )
+    _require(config.loss in LOSSES, "loss", config.loss, f"allowed: {', '.join(LOSSES)}")
+    for field in ("fsdp_min_size", "prefetch_to_device"):
+        value = config[field]
+        _require(_int(value) and value >= 0, field, value, "must be an int >= 0")

@@ -1,0 +1,142 @@
+"""Is a checkpoint what was saved, and can the storage take one: fingerprints and storage errors.
+
+Fingerprint: per array, a position-weighted sum of its raw bits (each 8/16/32-bit word times an
+odd weight, modulo 2**32), computed on the devices where the array lives (sharded arrays are not
+gathered anywhere). Changing any single word changes the sum (an odd weight is invertible modulo
+2**32), so garbled bytes that a file format would load silently are caught on restore.
+
+Storage: `check_writable` probes a directory with a tiny file (read-only file systems and missing
+permissions fail in milliseconds, not at Orbax's barrier timeout); `storage_cause` turns the
+errors a save can end in (ENOSPC, EROFS, EACCES, tensorstore's RESOURCE_EXHAUSTED) into a phrase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
+
+
+class FingerprintMismatchError(ValueError):
+    """A restored array differs from what was saved."""
+
+
+def _word_sum(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    itemsize = np.dtype(x.dtype).itemsize
+    words = jax.lax.bitcast_convert_type(x, _UNSIGNED[itemsize]).astype(jnp.uint32)
+    if itemsize == 8:  # (x64 only) two 32-bit words per element: fold them into one
+        words = words[..., 0] ^ (words[..., 1] * jnp.uint32(0x9E3779B1))
+    # Linear index of every element, from per-axis iotas (no reshape: sharded arrays stay put).
+    index = jnp.zeros(words.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(words.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(
+            stride % 2**32
+        )
+        stride *= words.shape[axis]
+    weights = index * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+def make_fingerprint():
+    """A function: tree of arrays → {'path/to/leaf': 'hex fingerprint'} (jitted once per shape)."""
+    sums = jax.jit(lambda tree: jax.tree.map(_word_sum, tree))
+
+    def fingerprint(tree: Any) -> dict[str, str]:
+        values = jax.device_get(sums(tree))
+        flat = jax.tree_util.tree_flatten_with_path(values)[0]
+        return {jax.tree_util.keystr(path): f"{int(v):08x}" for path, v in flat}
+
+    return fingerprint
+
+
+def verify(actual: dict[str, str], recorded: dict[str, str]) -> None:
+    """Raises FingerprintMismatchError naming the first arrays that differ."""
+    if not recorded:
+        raise FingerprintMismatchError("no fingerprint recorded")
+    differ = sorted(k for k in set(actual) | set(recorded) if actual.get(k) != recorded.get(k))
+    if differ:
+        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+        raise FingerprintMismatchError(f"fingerprint mismatch in {shown}")
+
+
+def short_reason(error: BaseException) -> str:
+    """The first line of an error, shortened: enough to say what is wrong with a step."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage.
+
+_CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EFBIG: "file too large for the file system or its limits",
+}
+_TEXT_CAUSES = (
+    ("RESOURCE_EXHAUSTED", "no space left on the device"),
+    ("No space left", "no space left on the device"),
+    ("Read-only file system", "the file system is read-only"),
+    ("Permission denied", "permission denied"),
+    ("PERMISSION_DENIED", "permission denied"),
+    ("File too large", "file too large for the file system or its limits"),
+)
+
+
+def storage_cause(error: BaseException) -> str:
+    """A phrase for why a write failed, looking through chained exceptions."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _CAUSES:
+            return _CAUSES[seen.errno]
+        for needle, cause in _TEXT_CAUSES:
+            if needle in str(seen):
+                return cause
+        seen = seen.__cause__ or seen.__context__
+    return short_reason(error)
+
+
+def check_writable(directory: str | epath.Path) -> None:
+    """Raises OSError (naming `directory` and the cause) unless a file can be created in it.
+
+    A directory that does not exist yet is judged by its nearest existing parent (it would be
+    created there). Remote paths (gs://) are left to the writer.
+    """
+    path = str(directory)
+    if "://" in path:
+        return
+    probe_dir = path
+    while not os.path.exists(probe_dir):
+        parent = os.path.dirname(probe_dir)
+        if parent == probe_dir:
+            break
+        probe_dir = parent
+    if not os.path.isdir(probe_dir):
+        raise NotADirectoryError(f"{path}: {probe_dir} is not a directory")
+    probe = os.path.join(probe_dir, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"x")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, f"{path} is not writable: {storage_cause(e)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)

@@ -1,0 +1,58 @@
+"""`train.py --dry_run`: the resolved config and what it builds, without training or any workdir.
+
+Prints the config as the run would save it (config.json), then one block for the model: its
+ViTConfig, parameter count, tokens per image and FLOPs per image (forward, from XLA's cost
+analysis of the compiled model), and the run's length and batch. It runs every check a real start
+runs before touching the workdir, so a config that passes here starts (the workdir's own checks
+aside).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from vit_jax import config_checks, models, optim, train_state
+
+
+def forward_flops(model: models.VisionTransformer, params_shapes) -> float | None:
+    """FLOPs of one image through the model (inference), or None when the backend has none."""
+    images = models.dummy_input(model.config, batch_size=1)
+    compiled = jax.jit(lambda p, x: model.apply({"params": p}, x)).lower(params_shapes, images)
+    analysis = compiled.compile().cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def print_dry_run(config: ml_collections.ConfigDict) -> None:
+    from vit_jax import trainer  # (the trainer's own resolution of length and batch)
+
+    config_checks.validate_training(config)
+    data = trainer._get_datasets(config)
+    total_steps = trainer.total_steps_of(config, data.num_train_examples)
+    model_config = train_state.model_config_for(
+        config, data.num_classes, num_channels=data.image_shape[-1]
+    )
+    model = models.VisionTransformer(model_config)
+    shapes = models.param_shapes(model)
+    optim.make_optimizer(config.optim, config.schedule, shapes, total_steps)  # checks the schedule
+    grid = [s // p for s, p in zip(model_config.image_size, model_config.patch_size)]
+    tokens = math.prod(grid) + model_config.num_prefix_tokens
+    flops = forward_flops(model, shapes)
+    print(config.to_json_best_effort(indent=2, sort_keys=True))
+    print(f"model: {model_config}")
+    print(
+        f"parameters: {models.count_params(shapes):,} | tokens per image: {tokens} "
+        f"({grid[0]}x{grid[1]} patches + {model_config.num_prefix_tokens} prefix) | "
+        + (f"forward GFLOPs per image: {flops / 1e9:.4g}" if flops else "FLOPs: not reported")
+    )
+    print(
+        f"run: {total_steps} steps of {config.batch_size} examples "
+        f"({total_steps * config.batch_size / data.num_train_examples:.1f} epochs of "
+        f"{data.num_train_examples:,} examples, {data.num_classes} classes)"
+    )
+    print("dry run: nothing was trained or written.")

@@ -1,0 +1,257 @@
+"""Who owns a workdir: one trainer at a time, one run per workdir, nothing changed by a refused start.
+
+A start goes through three stages (`trainer.train_and_evaluate` calls them in this order):
+  checks    `check_start(...)`: writable, not in use (lock), the config agrees with the run already
+            in the workdir (only harmless fields may differ), and its length does not end before
+            the newest checkpoint. Reads only.
+  claim     `claim()`: takes the lock (creating the workdir if needed) and, with `restart`, moves
+            the previous run aside to `<workdir>/previous-<n>/` (nothing is deleted).
+  commit    `commit(config)`: writes config.json, once everything that can refuse has passed.
+A failure between claim and commit undoes the claim (`abandon()`): the lock file and a workdir that
+this start created are removed, so a refused start leaves the workdir as it was.
+
+The lock is `fcntl.flock` on `<workdir>/.lock`: the kernel releases it when its process dies, so a
+killed trainer never leaves a stale lock; the file says which process holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import socket
+import time
+from typing import Any
+
+from vit_jax import integrity
+
+# Fields that change how a run is watched or laid out, not what it computes.
+HARMLESS = (
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "async_checkpoints",
+    "prefetch_to_device",
+    "data_dir",
+    "eval_batch_size",
+    "eval_split",
+    "mesh.",
+    "fsdp_min_size",
+    "accum_steps",
+    "init_from",  # a resumed run starts from its own checkpoint, never from init_from
+)
+LENGTH = ("total_steps", "total_epochs")
+MOVED_ASIDE = (
+    "checkpoints",
+    "checkpoints-damaged",
+    "metrics.jsonl",
+    "config.json",
+    "curves.png",
+)
+
+
+class WorkdirConflictError(ValueError):
+    """The workdir holds another run, or is in use; the message says the ways on."""
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resolved_length(config: dict, num_train_examples: int) -> int | None:
+    steps, epochs = config.get("total_steps") or None, config.get("total_epochs") or None
+    if steps:
+        return int(steps)
+    if epochs and config.get("batch_size"):
+        return math.ceil(epochs * num_train_examples / config["batch_size"])
+    return None
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'field old → new' for every field that differs and is not harmless (length aside)."""
+    old_flat, new_flat = flatten(old), flatten(new)
+    differ = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        if key in LENGTH or key in HARMLESS:
+            continue
+        if any(h.endswith(".") and key.startswith(h) for h in HARMLESS):
+            continue
+        a, b = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
+        if _normalized(a) != _normalized(b):
+            differ.append(f"{key} {a!r} → {b!r}")
+    return differ
+
+
+def _normalized(value):
+    return [_normalized(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+def latest_checkpoint_step(workdir: str) -> int | None:
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = [int(n) for n in os.listdir(root) if n.isdigit()]
+    return max(steps) if steps else None
+
+
+class Workdir:
+    """The start-up stages of one trainer in `path` (see the module docstring)."""
+
+    def __init__(self, path: str, *, restart: bool = False, main_process: bool = True):
+        self.path = str(path)
+        self.restart = restart
+        self.main_process = main_process
+        self.remote = "://" in self.path
+        self._lock_file = None
+        self._created: list[str] = []
+        self.moved_to: str | None = None
+
+    # -- checks (read only) -------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        integrity.check_writable(self.path)
+
+    def check_not_in_use(self) -> None:
+        if self.remote or not os.path.exists(self._lock_path):
+            return
+        fd = os.open(self._lock_path, os.O_RDONLY)
+        try:
+            self._try_lock(fd)
+        finally:
+            os.close(fd)  # closing releases the probe's lock
+
+    def check_config(self, config_json: str, total_steps: int, num_train_examples: int) -> None:
+        """Refuses a config that would mix two runs, or a length ending before the checkpoint."""
+        if self.remote or self.restart:
+            return
+        step = latest_checkpoint_step(self.path)
+        saved_path = os.path.join(self.path, "config.json")
+        if step is None:
+            return  # nothing trained here yet: the new config simply takes over
+        ways = (
+            f"use a new --workdir; or rerun with --restart to start over here (the old run is "
+            f"moved to {self.path}/previous-<n>/); or fine-tune from it in a new workdir with "
+            f"--config.init_from={self.path}"
+        )
+        if total_steps < step:
+            raise WorkdirConflictError(
+                f"the run is {total_steps} steps long but workdir {self.path} already has a "
+                f"checkpoint at step {step}: give a length of at least {step} steps; {ways}"
+            )
+        if os.path.exists(saved_path):
+            try:
+                old = json.loads(pathlib.Path(saved_path).read_text())
+            except (OSError, ValueError) as e:
+                raise WorkdirConflictError(
+                    f"{saved_path} cannot be read ({e}), so this run cannot be compared: {ways}"
+                ) from None
+            new = json.loads(config_json)
+            differ = config_differences(old, new)
+            old_length = resolved_length(old, num_train_examples)
+            if old_length is not None and total_steps < old_length:  # (still >= step)
+                differ.append(f"length {old_length} → {total_steps} steps (shortened)")
+            if differ:
+                raise WorkdirConflictError(
+                    f"workdir {self.path} holds a run (checkpoint at step {step}) with a different "
+                    f"config: {'; '.join(differ)}. Resuming would mix two runs: {ways}"
+                )
+
+    # -- claim / commit / abandon -------------------------------------------------------------
+
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.path, ".lock")
+
+    def claim(self) -> None:
+        if self.remote or not self.main_process:
+            return
+        missing = []
+        path = self.path
+        while not os.path.exists(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        os.makedirs(self.path, exist_ok=True)
+        self._created.extend(reversed(missing))  # deepest last: removed first by abandon()
+        created_lock = not os.path.exists(self._lock_path)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._try_lock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if created_lock:
+            self._created.append(self._lock_path)
+        self._lock_file = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode())
+        if self.restart:
+            self._move_previous_run_aside()
+
+    def _try_lock(self, fd: int) -> None:
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = pathlib.Path(self._lock_path).read_text().strip() or "another process"
+            raise WorkdirConflictError(
+                f"workdir {self.path} is in use by another trainer ({holder}); wait for it to "
+                f"finish or use another --workdir"
+            ) from None
+        except OSError:
+            pass  # a file system without locks: run unlocked rather than not at all
+
+    def _move_previous_run_aside(self) -> None:
+        present = [n for n in os.listdir(self.path) if n in MOVED_ASIDE or n.startswith("events.")]
+        if not present:
+            return
+        n = 1
+        while os.path.exists(os.path.join(self.path, f"previous-{n}")):
+            n += 1
+        target = os.path.join(self.path, f"previous-{n}")
+        os.makedirs(target)
+        for name in present:
+            os.rename(os.path.join(self.path, name), os.path.join(target, name))
+        self.moved_to = target
+
+    def commit(self, config_json: str) -> None:
+        """Writes config.json (atomically: a crash never leaves half a file)."""
+        if self.remote:
+            from etils import epath
+
+            epath.Path(self.path).mkdir(parents=True, exist_ok=True)
+            (epath.Path(self.path) / "config.json").write_text(config_json)
+            return
+        if not self.main_process:
+            return
+        tmp = os.path.join(self.path, f".config.json.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(config_json)
+        os.replace(tmp, os.path.join(self.path, "config.json"))
+        self._created = []  # committed: nothing to undo any more
+
+    def abandon(self) -> None:
+        """Undoes `claim` after a refused start: removes what it created (if still empty)."""
+        self.release()
+        for path in reversed(self._created):
+            try:
+                if os.path.isdir(path):
+                    os.rmdir(path)  # only if empty: never removes anything else
+                else:
+                    os.remove(path)
+            except OSError:
+                pass
+        self._created = []
+
+    def release(self) -> None:
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None

@@ -52,8 +52,8 @@ Loss:
 
 Length:
   total_steps           optimizer steps to train. Exactly one of total_steps / total_epochs is set;
-                        None or 0 = unset, so the command line can switch: --config.total_steps=0
-                        --config.total_epochs=10.
+                        None or 0 = unset. On the command line the one given wins:
+                        --config.total_steps=100 on a recipe with total_epochs trains 100 steps.
   total_epochs          passes over the train split (rounded up to whole steps).
   accum_steps           gradient accumulation: each step averages the gradients of `accum_steps`
                         micro-batches of batch_size / accum_steps (the same update as one big batch,
@@ -83,6 +83,8 @@ Optimizer (`optim`) — all through optax:
 Learning-rate schedule (`schedule`):
   schedule.name         'cosine' | 'linear' | 'rsqrt' | 'constant', after a linear warmup from 0.
   schedule.warmup_steps linear warmup steps from 0 to optim.learning_rate.
+  schedule.warmup_fraction the warmup as a fraction of total steps instead (scales with the run);
+                        set one of the two (0 = unset; the command line's wins, as for the length).
   schedule.end_lr_fraction cosine/linear decay ends at learning_rate * this at total_steps.
   schedule.rsqrt_timescale rsqrt: lr · sqrt(timescale / (step - warmup + timescale)).
   schedule.cooldown_steps rsqrt/constant: linear cooldown to 0 over the last N steps (0 = none).
@@ -194,6 +196,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             name="cosine",
             warmup_steps=0,
+            warmup_fraction=0.0,
             end_lr_fraction=0.0,
             rsqrt_timescale=10_000,
             cooldown_steps=0,

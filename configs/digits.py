@@ -66,7 +66,7 @@ def get_config():
     config.optim.weight_decay = 0.05
     config.optim.grad_clip_norm = 1.0
     config.schedule.name = "cosine"
-    config.schedule.warmup_steps = 5 * TRAIN_EXAMPLES // BATCH
+    config.schedule.warmup_fraction = 5 / EPOCHS  # 5 warmup epochs of 75, and scales
 
     config.log_every_steps = 110
     config.eval_every_steps = 275

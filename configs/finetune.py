@@ -68,7 +68,8 @@ def get_config(arg: str | None = None):
     config.optim.weight_decay = 0.0
     config.optim.grad_clip_norm = 1.0
     config.schedule.name = "cosine"
-    config.schedule.warmup_steps = min(500, steps // 2)
+    # 500 steps (at most half the run), as a fraction so a shorter --config.total_steps scales it.
+    config.schedule.warmup_fraction = min(500, steps // 2) / steps
 
     config.log_every_steps = 50
     config.eval_every_steps = 1_000

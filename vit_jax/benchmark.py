@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -143,5 +144,11 @@ def main(argv):
         print(json.dumps(result), flush=True)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `vit-benchmark` console script."""
+    sys.modules["__main__"].__doc__ = __doc__  # what absl's --help prints
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

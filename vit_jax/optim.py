@@ -46,6 +46,23 @@ def _compile(pattern: str, field: str) -> re.Pattern:
 # Schedule.
 
 
+def warmup_steps_of(schedule: Mapping[str, Any], total_steps: int) -> int:
+    """`schedule.warmup_steps`, or `schedule.warmup_fraction` of `total_steps` (rounded); 0 = unset.
+
+    A fraction scales with the run, so a recipe's warmup still fits a short `--config.total_steps`.
+    """
+    steps = int(schedule.get("warmup_steps") or 0)
+    fraction = float(schedule.get("warmup_fraction") or 0.0)
+    if steps and fraction:
+        raise ValueError(
+            f"set one of config.schedule.warmup_steps ({steps}) and "
+            f"config.schedule.warmup_fraction ({fraction}); 0 unsets one"
+        )
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"config.schedule.warmup_fraction={fraction} must be in [0, 1]")
+    return steps or round(fraction * total_steps)
+
+
 def make_schedule(schedule: Mapping[str, Any], learning_rate: float, total_steps: int):
     """step → learning rate: linear warmup from 0, then `schedule.name` until `total_steps`.
 
@@ -59,7 +76,7 @@ def make_schedule(schedule: Mapping[str, Any], learning_rate: float, total_steps
     name = schedule["name"]
     if name not in SCHEDULES:
         raise ValueError(f"config.schedule.name={name!r} is not supported; allowed: {SCHEDULES}")
-    warmup = int(schedule["warmup_steps"])
+    warmup = warmup_steps_of(schedule, total_steps)
     end_fraction = float(schedule.get("end_lr_fraction", 0.0))
     timescale = float(schedule.get("rsqrt_timescale", 10_000))
     cooldown = int(schedule.get("cooldown_steps", 0))

@@ -62,15 +62,16 @@ Length:
                         distribution, not bit for bit).
 
 Optimizer (`optim`) — all through optax:
-  optim.name            'sgd' | 'momentum' | 'adam' | 'adamw'.
+  optim.name            any optax optimizer, by its function name: 'adamw', 'sgd', 'adam', 'lion',
+                        'adafactor', ... (`optax.<name>(learning_rate, **kwargs)`).
+  optim.kwargs          that function's own arguments, e.g. {'b1': 0.9, 'mu_dtype': 'bfloat16'} for
+                        'adamw', {'momentum': 0.9, 'nesterov': True} for 'sgd'; {} = optax's
+                        defaults. A whole new dict from the command line:
+                        --config.optim.kwargs="{'momentum': 0.9}".
   optim.learning_rate   peak learning rate (after warmup), for the global batch.
-  optim.momentum        'momentum' only: the heavy-ball β ('sgd' is plain SGD without momentum).
-  optim.nesterov        'momentum' only: Nesterov momentum.
-  optim.b1, optim.b2, optim.eps Adam's moments and epsilon.
-  optim.mu_dtype        dtype of Adam's first moment / SGD momentum, e.g. 'bfloat16' to save memory;
-                        None = the params' dtype.
-  optim.weight_decay    weight decay, multiplied by the learning-rate schedule. 'adamw': decoupled
-                        (Loshchilov & Hutter); 'adam'/'sgd'/'momentum': added to the gradient (L2).
+  optim.weight_decay    weight decay, multiplied by the learning-rate schedule: decoupled
+                        (Loshchilov & Hutter) when the optimizer takes `weight_decay` ('adamw',
+                        'lion', ...), else added to the gradient (L2: 'sgd', 'adam').
   optim.no_decay        regex over parameter paths ('Transformer/encoderblock_0/LayerNorm_0/scale');
                         matching params get no weight decay. Default: biases, norm scales, position
                         embeddings and the class/register/probe tokens.
@@ -179,12 +180,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             name="adamw",
             learning_rate=1e-3,
-            momentum=0.9,
-            nesterov=False,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            mu_dtype=config_dict.placeholder(str),
+            kwargs=ml_collections.ConfigDict(),
             weight_decay=0.0,
             no_decay=NO_DECAY,
             grad_clip_norm=1.0,

@@ -23,6 +23,8 @@ Expected (the paper's Table 5, ViT-B/16 pre-trained on ImageNet-21k, fine-tuned 
 in this repository): CIFAR-10 98.1%, CIFAR-100 87.1%, Oxford-IIIT Pets 93.8%, ImageNet 84.0%.
 """
 
+import ml_collections
+
 from configs import common
 
 DATASETS = {
@@ -62,8 +64,8 @@ def get_config(arg: str | None = None):
     config.init_from = f"gs://vit_models/imagenet21k/{name}.npz"
 
     config.total_steps = steps
-    config.optim.name = "momentum"
-    config.optim.momentum = 0.9
+    config.optim.name = "sgd"
+    config.optim.kwargs = ml_collections.ConfigDict(dict(momentum=0.9))
     config.optim.learning_rate = 0.03
     config.optim.weight_decay = 0.0
     config.optim.grad_clip_norm = 1.0

@@ -128,7 +128,7 @@ def test_accumulated_micro_batches_equal_the_large_batch():
 def test_mixed_precision_keeps_float32_master_params():
     config = tiny_config()
     config.model.dtype = "bfloat16"
-    config.optim.mu_dtype = "bfloat16"
+    config.optim.kwargs.mu_dtype = "bfloat16"
     model = models.VisionTransformer(train_state.model_config_for(config, 10, 3))
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     tx, _ = optim.make_optimizer(config.optim, config.schedule, models.param_shapes(model), 10)
@@ -265,7 +265,7 @@ def test_finetune_from_checkpoint_at_higher_resolution_and_other_class_count(
 ):
     _, source = checkpoints.read_model(pretrained)
     config = tiny_config(total_steps=3, image_size=32, init_from=str(pretrained))
-    config.optim.name = "momentum"
+    config.optim.name, config.optim.kwargs = "sgd", {"momentum": 0.9}
     dst = train_state.model_config_for(config, num_classes=5, num_channels=3)
     params = train_state.load_init_params(config.init_from, dst)
     posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
@@ -374,7 +374,7 @@ def run_on_mock_cifar10(data_dir: str, workdir: str, mesh: dict) -> list[float]:
     config.eval_batch_size = 24  # 64 test examples: 3 batches, the last one padded
     config.shuffle_buffer_size = MOCK_EXAMPLES
     config.model.dropout_rate = 0.1  # dropout masks must not depend on the device count either
-    config.optim.name = "momentum"
+    config.optim.name, config.optim.kwargs = "sgd", {"momentum": 0.9}
     config.optim.learning_rate = 0.1
     config.schedule.warmup_steps = 0
     config.mesh.data, config.mesh.fsdp = mesh["data"], mesh["fsdp"]

@@ -34,11 +34,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import tomllib
-from helpers import REPO
+from helpers import REPO, subprocess_env
 
 # Start of a command (after `make -n` expansion) -> arguments appended to keep it short.
 SHORTER = {
@@ -160,17 +159,11 @@ def sandbox(tmp_path, digits_data_dir) -> tuple[pathlib.Path, dict]:
         if entry.name not in ("workdirs", ".git"):
             (tmp_path / entry.name).symlink_to(entry)
     bin_dir = pathlib.Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO),
-        "JAX_PLATFORMS": "cpu",
-        "TFDS_DATA_DIR": digits_data_dir,
-        "JAX_COMPILATION_CACHE_DIR": os.path.join(
-            tempfile.gettempdir(), f"vit_jax_test_compile_cache_{os.getuid()}"
-        ),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+    env = subprocess_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        PYTHONPATH=str(REPO),
+        TFDS_DATA_DIR=digits_data_dir,
+    )
     # The console scripts (`vit-train`, ...) as pip would write them, for this checkout's code.
     scripts = tmp_path / "bin"
     scripts.mkdir()

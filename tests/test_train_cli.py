@@ -5,16 +5,14 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import jax.numpy as jnp
 import pytest
+from helpers import REPO, subprocess_env
 
 from configs import digits, finetune, pretrain
 from vit_jax import optim, train_state, trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_CONFIG = """
 from configs import common
@@ -38,19 +36,11 @@ def get_config(arg=None):
 
 
 def run_train(*args, timeout=300):
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        # The rerun compiles what the first run did: let it load that from JAX's persistent cache.
-        "JAX_COMPILATION_CACHE_DIR": os.path.join(
-            tempfile.gettempdir(), f"vit_jax_test_compile_cache_{os.getuid()}"
-        ),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+    # The rerun compiles what the first run did: it loads that from the shared compilation cache.
     return subprocess.run(
         [sys.executable, "train.py", *args],
         cwd=REPO,
-        env=env,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -205,8 +205,14 @@ def _initial_state(config, ckpt, model, tx, shapes, shardings) -> tuple[dict, in
     return state, step
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, data: Any = None
+) -> dict[str, Any]:
     """Train (or resume) as `config` says, evaluate, and write everything to `workdir`.
+
+    `data` is what `input_pipeline.get_datasets(config)` returns (None: exactly that), or anything
+    with its contract: `num_classes`, `num_train_examples`, `image_shape`, a restartable
+    `train_iter(start_step)` and a padded, masked `eval_iter()` (tests pass in-memory data).
 
     Returns {'step': final step, 'eval': final eval metrics, 'train_losses': {step: loss} of the
     steps this call ran, 'preempted': bool}.
@@ -214,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir = checkpoints.absolute_path(workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     _check_batch_sizes(config, mesh)
-    data = _get_datasets(config)
+    data = _get_datasets(config) if data is None else data
     total_steps = total_steps_of(config, data.num_train_examples)
     model_config = train_state.model_config_for(
         config, data.num_classes, num_channels=data.image_shape[-1]

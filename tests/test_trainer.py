@@ -379,7 +379,7 @@ def run_on_mock_cifar10(data_dir: str, workdir: str, mesh: dict) -> list[float]:
 
 EIGHT_DEVICE_RUN = """
 import json, sys
-sys.path.insert(0, {repo!r})
+sys.path[:0] = [{repo!r}, {repo!r} + '/tests']  # the repo and tests/helpers.py
 import jax
 from tests.test_trainer import run_on_mock_cifar10
 assert jax.device_count() == 8

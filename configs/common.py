@@ -4,34 +4,9 @@ Recipes (`digits.py`, `pretrain.py`, `finetune.py`) start from `get_config()` an
 need. Every field exists here, so `--config.<key>=value` works for all of them and a misspelt key is
 an error.
 
-Data (read by `vit_jax.input_pipeline`):
-  dataset               TFDS name ('cifar10', 'digits', ...) or a path to an image folder
-                        `<root>/<split>/<class>/*.jpg`.
-  data_dir              TFDS data dir; None = TFDS's default (~/tensorflow_datasets).
-  train_split           TFDS split to train on, e.g. 'train' or 'train[:90%]'.
-  eval_split            split evaluated every `eval_every_steps` and at the end ('test',
-                        'validation').
-  image_size            side of the square images the pipeline makes; the model is built at this
-                        size (its `image_size` field comes from here).
-  batch_size            global training batch (all processes and devices together), in examples.
-  eval_batch_size       global eval batch; the last partial batch is padded and masked.
-  seed                  seeds data order/augmentation and the model's init/dropout; same seed, same
-                        run.
-  shuffle_buffer_size   tf.data shuffle buffer, in examples.
-  skip_corrupt_images   image folders: skip (and count) files that do not decode instead of failing.
-  pp.crop_area_range    Inception random-resized-crop area range, fractions of the image; None =
-                        resize the whole image.
-  pp.crop_aspect_range  aspect ratios the Inception crop may take.
-  pp.flip               random horizontal flips when training.
-  pp.translate_pixels   random shifts of up to this many output pixels, black fill (small images).
-  pp.label_smoothing    ε: training targets are (1-ε)·onehot + ε/K. Applied once, by the input
-                        pipeline, so it composes with mixup; the trainer's loss takes the soft
-                        targets as they come.
-  pp.mixup_alpha        mixup Beta(α, α); 0 = off.
-  pp.randaugment_layers RandAugment ops per image; 0 = off.
-  pp.randaugment_magnitude RandAugment magnitude (0-30 scale, as in AugReg).
-  pp.eval_crop_fraction eval: central crop of this fraction after resizing; 1.0 = whole image.
-  pp.num_channels       channels fed to the model (grayscale is repeated to 3 when this is 3).
+Data (read by `vit_jax.input_pipeline`): dataset, data_dir, train_split, eval_split, image_size,
+  batch_size, eval_batch_size, seed, shuffle_buffer_size, skip_corrupt_images and pp.* (preprocessing
+  and augmentation). Each one's default and meaning: `vit_jax/data/defaults.py`.
 
 Model:
   model                 every `vit_jax.ViTConfig` field except image_size, num_classes and
@@ -116,7 +91,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from vit_jax import model_config as vit_config
-from vit_jax.data.defaults import PREPROCESSING_DEFAULTS
+from vit_jax.data.defaults import DATA_DEFAULTS, PREPROCESSING_DEFAULTS
 
 # Model fields the trainer fills in from the data, so a recipe cannot get them inconsistent.
 DATA_DERIVED_MODEL_FIELDS = ("image_size", "num_classes", "num_channels")
@@ -152,17 +127,9 @@ def model_config(variant: str | None = None, **overrides) -> ml_collections.Conf
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # Data.
-    config.dataset = "digits"
+    # Data: the defaults of vit_jax/data/defaults.py (data_dir typed, so it can be set from flags).
+    config.update(DATA_DEFAULTS)
     config.data_dir = config_dict.placeholder(str)
-    config.train_split = "train"
-    config.eval_split = "test"
-    config.image_size = 224
-    config.batch_size = 512
-    config.eval_batch_size = 512
-    config.seed = 0
-    config.shuffle_buffer_size = 50_000
-    config.skip_corrupt_images = False
     config.pp = ml_collections.ConfigDict(dict(PREPROCESSING_DEFAULTS))
 
     # Model.

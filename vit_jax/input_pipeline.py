@@ -19,45 +19,11 @@ Batches are per-process numpy; `vit_jax.sharding` turns them into global `jax.Ar
 data field of `config` takes its `default_data_config()` value; other fields are ignored, but an
 unknown `pp.*` field is an error (a typo would otherwise silently do nothing).
 
-Config fields (`default_data_config()` gives them all; `get_datasets` validates them first):
-  dataset             TFDS name ('cifar10', 'imagenet2012', 'digits', ...) or a path to an image
-                      folder `<root>/<split>/<class_name>/*.{jpg,jpeg,png}`.
-  data_dir            TFDS data dir (None: TFDS's default). Unprepared TFDS datasets are
-                      downloaded and prepared there; `digits` and image folders are prepared
-                      there offline on first use. (Processes racing to prepare the same dir are
-                      fine; on a pod, preparing once beforehand saves every host the work.)
-  train_split, eval_split   TFDS split specs ('train', 'test', 'train[:90%]', ...).
-  image_size          side of the square images the model sees.
-  batch_size, eval_batch_size   global; each must divide by the process count.
-  seed                everything random (order, augmentation, mixup) derives from it.
-  shuffle_buffer_size examples per process in the shuffle buffer.
-  skip_corrupt_images image folders: skip (and log) undecodable files instead of raising.
-  pp.crop_area_range  Inception crop: fraction of the image area kept, e.g. (0.05, 1.0);
-                      None: resize the whole image.
-  pp.crop_aspect_range  aspect ratios the Inception crop may take.
-  pp.flip             random horizontal flips.
-  pp.translate_pixels random shifts of up to this many output pixels, black fill (small images).
-  pp.randaugment_layers, pp.randaugment_magnitude   RandAugment (0 layers: off); see
-                      `vit_jax.data.randaugment` for the ops.
-  pp.mixup_alpha      mixup with lam ~ Beta(alpha, alpha) per batch (0: off).
-  pp.label_smoothing  train labels only.
-  pp.eval_crop_fraction  1.0: resize the whole eval image; < 1: central square crop of that
-                      fraction of the shorter side, then resize (0.875 is the classic 256->224).
-  pp.num_channels     1 or 3; grayscale images become 3-channel when 3 (and vice versa).
-
-Training order: each process reads its own `tfds.even_splits` share of the train split (the same
-shares as `tfds.split_for_jax_process`), undecoded. Epoch `e` of that share is a seeded
-interleave of contiguous blocks of it followed by a seeded shuffle buffer, both keyed on
-(seed, e); examples are decoded and augmented after shuffling with stateless random ops keyed on
-(seed, the example's index in the global stream). So the same seed gives the same batches, and
-`train_iter(start_step)` starts exactly where an uninterrupted run would be at that step: it
-begins at the right epoch directly and skips the examples before it inside that epoch in tf.data,
-reading but not decoding them (at most one epoch of raw records, no Python loop).
-
-Evaluation: each process reads its `tfds.even_splits` share of the eval split in order, pads the
-last batch with zero images whose mask is 0, and then adds fully-masked batches until it has
-`num_eval_batches` (the same on every process), so multi-host eval steps stay in lockstep and an
-accuracy of sum(correct * mask) / sum(mask) counts every example exactly once.
+Config fields: `vit_jax/data/defaults.py` lists each with its default and meaning
+(`default_data_config()` gives them all; `get_datasets` validates them first). `data_dir`: unprepared
+TFDS datasets are downloaded and prepared there; `digits` and image folders are prepared there
+offline on first use (processes racing to prepare the same dir are fine; on a pod, preparing once
+beforehand saves every host the work). Batch sizes must divide by the process count.
 """
 
 import contextlib
@@ -74,7 +40,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vit_jax.data import preprocess
-from vit_jax.data.defaults import PREPROCESSING_DEFAULTS
+from vit_jax.data.defaults import DATA_DEFAULTS, PREPROCESSING_DEFAULTS
 from vit_jax.data.validation import validate_config, validate_dataset
 from vit_jax.datasets import image_folder_builder  # Also registers the `digits` builder.
 
@@ -90,22 +56,8 @@ _ORDER, _AUGMENT, _MIXUP = 1, 2, 3
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """All the data fields `get_datasets` reads, with defaults for the offline digits run."""
-    return ml_collections.ConfigDict(
-        dict(
-            dataset="digits",
-            data_dir=None,
-            train_split="train",
-            eval_split="test",
-            image_size=32,
-            batch_size=128,
-            eval_batch_size=256,
-            seed=0,
-            shuffle_buffer_size=10_000,
-            skip_corrupt_images=False,
-            pp=dict(PREPROCESSING_DEFAULTS),
-        )
-    )
+    """All the data fields `get_datasets` reads, at their defaults (`vit_jax/data/defaults.py`)."""
+    return ml_collections.ConfigDict(dict(DATA_DEFAULTS, pp=dict(PREPROCESSING_DEFAULTS)))
 
 
 def get_datasets(config, process_index: int | None = None, process_count: int | None = None):

@@ -43,7 +43,7 @@ from helpers import REPO, subprocess_env
 SHORTER = {
     "python train.py --config configs/digits.py": "--config.total_steps=2 --config.eval_every_steps=0",
     "vit-train --config digits": "--config.total_steps=2 --config.eval_every_steps=0",
-    "python -m vit_jax.data.benchmark": "--num_batches 2 --warmup 1 --num_images 64",
+    "python -m vit_jax.data.input_benchmark": "--num_batches 2 --warmup 1 --num_images 64",
     "python -m vit_jax.benchmark": "--steps 1 --repeats 1",
 }
 

@@ -7,7 +7,7 @@ local device); inference is a jitted `model.apply`. Each figure is the median of
 runs of `--steps` steps, after one untimed run that compiles. FLOPs per image come from XLA's cost
 analysis of the compiled computation, so MFU = achieved FLOP/s / (`--peak_tflops` × devices).
 Input data is synthetic and already on the devices: this measures the model alone (for the input
-pipeline alone see `python -m vit_jax.data.benchmark`). Prints one JSON line per mode.
+pipeline alone see `python -m vit_jax.data.input_benchmark`). Prints one JSON line per mode.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from absl import logging
 from vit_jax.data import preprocess
 from vit_jax.data.defaults import DATA_DEFAULTS, PREPROCESSING_DEFAULTS
 from vit_jax.data.validation import validate_config, validate_dataset
-from vit_jax.datasets import image_folder_builder  # Also registers the `digits` builder.
+from vit_jax.tfds_builders import image_folder_builder  # Also registers the `digits` builder.
 
 # The input pipeline is CPU work: never let TF take accelerator memory from JAX. (RuntimeError:
 # TF's devices were already initialized elsewhere; then there is nothing to change.)

@@ -9,7 +9,7 @@ Which commands:
               offline are listed in NOT_RUN with the reason; their config is still built from the
               command's own `--config` and `--config.<key>=` arguments, so a typo still fails.
 
-How long commands stay short: SHORTER maps the start of a command to arguments appended to it.
+How long commands stay short: SHORTER maps a command's start (a pattern) to arguments appended.
 A length given on the command line wins over a recipe's (see `vit_jax/main.py`), so appending
 `--config.total_steps=2` turns a 3-minute recipe into one compile and two steps, whatever the recipe
 says. A new README command that is slow gets a SHORTER entry; one that is fast needs nothing.
@@ -20,7 +20,8 @@ Console scripts (`vit-train`, ...) run through wrappers written from pyproject.t
 [project.scripts] exactly as pip writes them, calling this checkout's code (the shared environment
 is never pip-installed into; tests/test_packaging.py installs the built wheel to check them).
 
-Where they run: in a fresh temporary directory whose entries are links to this checkout's (so
+Where they run: in order, all in one fresh temporary directory (so a command finds what an earlier
+one made, as for a reader following the README) whose entries are links to this checkout's (so
 `workdirs/...` lands there, never in the user's workdirs), with this checkout's root first on
 PYTHONPATH, `python` being this interpreter, and TFDS data in the session's temporary data dir.
 Absolute scratch paths in commands (`/tmp/w`) are replaced by folders inside that directory.
@@ -39,12 +40,13 @@ import pytest
 import tomllib
 from helpers import REPO, subprocess_env
 
-# Start of a command (after `make -n` expansion) -> arguments appended to keep it short.
+# A pattern at the start of a command (after `make -n` expansion) -> arguments appended to keep it
+# short. Any training command: two steps, one evaluation at the end.
+TRAIN = r"(python (train\.py|-m vit_jax\.main)|vit-train)\b"
 SHORTER = {
-    "python train.py --config configs/digits.py": "--config.total_steps=2 --config.eval_every_steps=0",
-    "vit-train --config digits": "--config.total_steps=2 --config.eval_every_steps=0",
-    "python -m vit_jax.data.input_benchmark": "--num_batches 2 --warmup 1 --num_images 64",
-    "python -m vit_jax.benchmark": "--steps 1 --repeats 1",
+    TRAIN: "--config.total_steps=2 --config.eval_every_steps=0",
+    r"python -m vit_jax\.data\.input_benchmark\b": "--num_batches 2 --warmup 1 --num_images 64",
+    r"(python -m vit_jax\.benchmark|vit-benchmark)\b": "--steps 1 --repeats 1",
 }
 
 # Commands (by their start) that cannot run offline on a CPU, and why.
@@ -116,8 +118,8 @@ def _runnable(command: str) -> str:
         command = command.replace(scratch, "scratch" + scratch.replace("/", "_"))
     if re.search(r"(^|\s)(python -m )?pytest\b", command):
         return command.replace(" -n 2", "").replace(" --dist loadfile", "") + " --collect-only -q"
-    for start, extra in SHORTER.items():
-        if command.startswith(start):
+    for pattern, extra in SHORTER.items():
+        if re.match(pattern, command) and not re.search(r"\s--(help|dry)", command):
             return f"{command} {extra}"
     return command
 
@@ -152,9 +154,14 @@ def _run(command: str, cwd: pathlib.Path, env: dict) -> subprocess.CompletedProc
     )
 
 
-@pytest.fixture
-def sandbox(tmp_path, digits_data_dir) -> tuple[pathlib.Path, dict]:
-    """A working directory that looks like the checkout (links) and an environment for it."""
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory, digits_data_dir) -> tuple[pathlib.Path, dict]:
+    """A working directory that looks like the checkout (links) and an environment for it.
+
+    One for the whole module: the commands run in README order, so a later one finds what an
+    earlier one made (a workdir to predict from), as for a reader following the README.
+    """
+    tmp_path = tmp_path_factory.mktemp("readme")
     for entry in REPO.iterdir():
         if entry.name not in ("workdirs", ".git"):
             (tmp_path / entry.name).symlink_to(entry)
@@ -191,7 +198,7 @@ def test_every_slow_command_has_a_way_to_be_short():
     """A training command without a SHORTER entry or a NOT_RUN reason would run for minutes."""
     for _, _, runs in COMMANDS:
         for c in runs:
-            if re.search(r"\btrain\.py\b|vit-train\b", c) and not _reason_not_run(c):
+            if re.match(TRAIN, c) and not _reason_not_run(c) and "--help" not in c:
                 assert _runnable(c) != c, f"no SHORTER entry for {c!r}"
 
 
@@ -211,7 +218,8 @@ def test_command_runs(where, shown, runs, sandbox):
             f"{where}: {runnable!r} exited {result.returncode}\n"
             f"stdout: {result.stdout[-2000:]}\nstderr: {result.stderr[-3000:]}"
         )
-        if re.search(r"\btrain\.py\b|vit-train\b", c):
+        trains = re.match(TRAIN, c) and not re.search(r"\s--(help|dry)", c)
+        if trains:
             assert "Final test accuracy:" in result.stdout, result.stdout[-2000:]
 
 

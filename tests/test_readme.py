@@ -103,14 +103,26 @@ def docstring_commands() -> list[tuple[str, str]]:
 
 def _expand_make(command: str) -> list[str]:
     """`make X` -> the commands it would run (`make -n`), without its setup steps."""
+    # Not make's own variables: under `make test` they would make it print directory changes.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(
-        ["make", "-n", *shlex.split(command)[1:]], cwd=REPO, capture_output=True, text=True
+        ["make", "-n", "--no-print-directory", *shlex.split(command)[1:]],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     venv = re.compile(r"(^|\s)\.venv/bin/")
     lines = [venv.sub(r"\1", line) for line in result.stdout.splitlines()]
     # The setup target (venv + pip install) is make's own business, not a README example.
-    return [line for line in lines if line.strip() and not re.search(r"\bvenv\b|pip|touch", line)]
+    return [
+        line
+        for line in lines
+        if line.strip()
+        and not re.match(r"make(\[\d+\])?:", line)
+        and not re.search(r"\bvenv\b|pip|touch", line)
+    ]
 
 
 def _runnable(command: str) -> str:

@@ -394,7 +394,9 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
     write_mock_cifar10(data_dir)
     one = run_on_mock_cifar10(data_dir, str(tmp_path / "one"), dict(data=1, fsdp=1))
 
-    code = EIGHT_DEVICE_RUN.format(repo=REPO, data_dir=data_dir, workdir=str(tmp_path / "eight"))
+    code = EIGHT_DEVICE_RUN.format(
+        repo=str(REPO), data_dir=data_dir, workdir=str(tmp_path / "eight")
+    )
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",

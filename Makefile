@@ -1,6 +1,8 @@
 # Two entry points, each sets itself up on a fresh machine:
 #   make train   trains configs/digits.py on the offline digits dataset and prints the test accuracy
 #   make test    lint + format check + the whole test suite
+# The package is not pip-installed into .venv: every command runs from the checkout (its root is on
+# sys.path), so .venv stays exactly requirements.txt. `pip install -e .` is for other environments.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

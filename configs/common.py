@@ -4,36 +4,9 @@ Recipes (`digits.py`, `pretrain.py`, `finetune.py`) start from `get_config()` an
 need. Every field exists here, so `--config.<key>=value` works for all of them and a misspelt key is
 an error.
 
-Data (read by `vit_jax.input_pipeline`):
-  dataset               TFDS name ('cifar10', 'digits', ...) or a path to an image folder
-                        `<root>/<split>/<class>/*.jpg`.
-  data_dir              TFDS data dir; None = TFDS's default (~/tensorflow_datasets).
-  train_split           TFDS split to train on, e.g. 'train' or 'train[:90%]'.
-  eval_split            split evaluated every `eval_every_steps` and at the end ('test',
-                        'validation').
-  image_size            side of the square images the pipeline makes; the model is built at this
-                        size (its `image_size` field comes from here).
-  batch_size            global training batch (all processes and devices together), in examples.
-  eval_batch_size       global eval batch; the last partial batch is padded and masked.
-  seed                  seeds data order/augmentation and the model's init/dropout; same seed, same
-                        run.
-  shuffle_buffer_size   tf.data shuffle buffer, in examples; only for train splits too large for
-                        random access (> 256 MiB), which are streamed per process. Smaller ones
-                        get one global permutation per epoch, the same on any topology.
-  skip_corrupt_images   image folders: skip (and count) files that do not decode instead of failing.
-  pp.crop_area_range    Inception random-resized-crop area range, fractions of the image; None =
-                        resize the whole image.
-  pp.crop_aspect_range  aspect ratios the Inception crop may take.
-  pp.flip               random horizontal flips when training.
-  pp.translate_pixels   random shifts of up to this many output pixels, black fill (small images).
-  pp.label_smoothing    ε: training targets are (1-ε)·onehot + ε/K. Applied once, by the input
-                        pipeline, so it composes with mixup; the trainer's loss takes the soft
-                        targets as they come.
-  pp.mixup_alpha        mixup Beta(α, α); 0 = off.
-  pp.randaugment_layers RandAugment ops per image; 0 = off.
-  pp.randaugment_magnitude RandAugment magnitude (0-30 scale, as in AugReg).
-  pp.eval_crop_fraction eval: central crop of this fraction after resizing; 1.0 = whole image.
-  pp.num_channels       channels fed to the model (grayscale is repeated to 3 when this is 3).
+Data (read by `vit_jax.input_pipeline`): dataset, data_dir, train_split, eval_split, image_size,
+  batch_size, eval_batch_size, seed, shuffle_buffer_size, skip_corrupt_images and pp.* (preprocessing
+  and augmentation). Each one's default and meaning: `vit_jax/data/defaults.py`.
 
 Model:
   model                 every `vit_jax.ViTConfig` field except image_size, num_classes and
@@ -54,8 +27,8 @@ Loss:
 
 Length:
   total_steps           optimizer steps to train. Exactly one of total_steps / total_epochs is set;
-                        None or 0 = unset, so the command line can switch: --config.total_steps=0
-                        --config.total_epochs=10.
+                        None or 0 = unset. On the command line the one given wins:
+                        --config.total_steps=100 on a recipe with total_epochs trains 100 steps.
   total_epochs          passes over the train split (rounded up to whole steps).
   accum_steps           gradient accumulation: each step averages the gradients of `accum_steps`
                         micro-batches of batch_size / accum_steps (the same update as one big batch,
@@ -64,15 +37,16 @@ Length:
                         distribution, not bit for bit).
 
 Optimizer (`optim`) — all through optax:
-  optim.name            'sgd' | 'momentum' | 'adam' | 'adamw'.
+  optim.name            any optax optimizer, by its function name: 'adamw', 'sgd', 'adam', 'lion',
+                        'adafactor', ... (`optax.<name>(learning_rate, **kwargs)`).
+  optim.kwargs          that function's own arguments, e.g. {'b1': 0.9, 'mu_dtype': 'bfloat16'} for
+                        'adamw', {'momentum': 0.9, 'nesterov': True} for 'sgd'; {} = optax's
+                        defaults. A whole new dict from the command line:
+                        --config.optim.kwargs="{'momentum': 0.9}".
   optim.learning_rate   peak learning rate (after warmup), for the global batch.
-  optim.momentum        'momentum' only: the heavy-ball β ('sgd' is plain SGD without momentum).
-  optim.nesterov        'momentum' only: Nesterov momentum.
-  optim.b1, optim.b2, optim.eps Adam's moments and epsilon.
-  optim.mu_dtype        dtype of Adam's first moment / SGD momentum, e.g. 'bfloat16' to save memory;
-                        None = the params' dtype.
-  optim.weight_decay    weight decay, multiplied by the learning-rate schedule. 'adamw': decoupled
-                        (Loshchilov & Hutter); 'adam'/'sgd'/'momentum': added to the gradient (L2).
+  optim.weight_decay    weight decay, multiplied by the learning-rate schedule: decoupled
+                        (Loshchilov & Hutter) when the optimizer takes `weight_decay` ('adamw',
+                        'lion', ...), else added to the gradient (L2: 'sgd', 'adam').
   optim.no_decay        regex over parameter paths ('Transformer/encoderblock_0/LayerNorm_0/scale');
                         matching params get no weight decay. Default: biases, norm scales, position
                         embeddings and the class/register/probe tokens.
@@ -85,6 +59,8 @@ Optimizer (`optim`) — all through optax:
 Learning-rate schedule (`schedule`):
   schedule.name         'cosine' | 'linear' | 'rsqrt' | 'constant', after a linear warmup from 0.
   schedule.warmup_steps linear warmup steps from 0 to optim.learning_rate.
+  schedule.warmup_fraction the warmup as a fraction of total steps instead (scales with the run);
+                        set one of the two (0 = unset; the command line's wins, as for the length).
   schedule.end_lr_fraction cosine/linear decay ends at learning_rate * this at total_steps.
   schedule.rsqrt_timescale rsqrt: lr · sqrt(timescale / (step - warmup + timescale)).
   schedule.cooldown_steps rsqrt/constant: linear cooldown to 0 over the last N steps (0 = none).
@@ -122,7 +98,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from vit_jax import model_config as vit_config
-from vit_jax.data.defaults import PREPROCESSING_DEFAULTS
+from vit_jax.data.defaults import DATA_DEFAULTS, PREPROCESSING_DEFAULTS
 
 # Model fields the trainer fills in from the data, so a recipe cannot get them inconsistent.
 DATA_DERIVED_MODEL_FIELDS = ("image_size", "num_classes", "num_channels")
@@ -158,17 +134,9 @@ def model_config(variant: str | None = None, **overrides) -> ml_collections.Conf
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # Data.
-    config.dataset = "digits"
+    # Data: the defaults of vit_jax/data/defaults.py (data_dir typed, so it can be set from flags).
+    config.update(DATA_DEFAULTS)
     config.data_dir = config_dict.placeholder(str)
-    config.train_split = "train"
-    config.eval_split = "test"
-    config.image_size = 224
-    config.batch_size = 512
-    config.eval_batch_size = 512
-    config.seed = 0
-    config.shuffle_buffer_size = 50_000
-    config.skip_corrupt_images = False
     config.pp = ml_collections.ConfigDict(dict(PREPROCESSING_DEFAULTS))
 
     # Model.
@@ -186,12 +154,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             name="adamw",
             learning_rate=1e-3,
-            momentum=0.9,
-            nesterov=False,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            mu_dtype=config_dict.placeholder(str),
+            kwargs=ml_collections.ConfigDict(),
             weight_decay=0.0,
             no_decay=NO_DECAY,
             grad_clip_norm=1.0,
@@ -203,6 +166,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             name="cosine",
             warmup_steps=0,
+            warmup_fraction=0.0,
             end_lr_fraction=0.0,
             rsqrt_timescale=10_000,
             cooldown_steps=0,

@@ -10,7 +10,7 @@ global permutation per epoch (the same on any process count); with it this comma
 in 51 min wall on 2 cores shared with ~6 other jobs (load ~12: that time is the machine's). Before
 that order (a per-process shuffle buffer) it gave 98.61% in 182 s on 2 idle cores at ~650 img/s;
 the new order's input pipeline alone still gives ~1,800 train img/s on the loaded cores
-(`python -m vit_jax.data.benchmark --dataset digits --image_size 32 --batch_size 64`), so about 3
+(`python -m vit_jax.data.input_benchmark --dataset digits --image_size 32 --batch_size 64`), so about 3
 minutes on idle cores is expected but was not re-measured.
 
 The data are scikit-learn's 1,797 real handwritten digits (1,437 train / 360 test, stratified),
@@ -74,7 +74,7 @@ def get_config():
     config.optim.weight_decay = 0.05
     config.optim.grad_clip_norm = 1.0
     config.schedule.name = "cosine"
-    config.schedule.warmup_steps = 5 * TRAIN_EXAMPLES // BATCH
+    config.schedule.warmup_fraction = 5 / EPOCHS  # 5 warmup epochs of 75, and scales
 
     config.log_every_steps = 110
     config.eval_every_steps = 275

@@ -23,6 +23,8 @@ Expected (the paper's Table 5, ViT-B/16 pre-trained on ImageNet-21k, fine-tuned 
 in this repository): CIFAR-10 98.1%, CIFAR-100 87.1%, Oxford-IIIT Pets 93.8%, ImageNet 84.0%.
 """
 
+import ml_collections
+
 from configs import common
 
 DATASETS = {
@@ -62,13 +64,14 @@ def get_config(arg: str | None = None):
     config.init_from = f"gs://vit_models/imagenet21k/{name}.npz"
 
     config.total_steps = steps
-    config.optim.name = "momentum"
-    config.optim.momentum = 0.9
+    config.optim.name = "sgd"
+    config.optim.kwargs = ml_collections.ConfigDict(dict(momentum=0.9))
     config.optim.learning_rate = 0.03
     config.optim.weight_decay = 0.0
     config.optim.grad_clip_norm = 1.0
     config.schedule.name = "cosine"
-    config.schedule.warmup_steps = min(500, steps // 2)
+    # 500 steps (at most half the run), as a fraction so a shorter --config.total_steps scales it.
+    config.schedule.warmup_fraction = min(500, steps // 2) / steps
 
     config.log_every_steps = 50
     config.eval_every_steps = 1_000

@@ -22,12 +22,15 @@ split is a held-out "minival" of 51,200 images, as in big_vision.
 AugReg (Steiner et al. 2021) options: `--config.pp.mixup_alpha=0.2 --config.pp.randaugment_layers=2
 --config.pp.randaugment_magnitude=15` (and usually less weight decay / dropout then).
 Large models: `--config.mesh.fsdp=8` shards parameters and optimizer state over 8 devices;
-`--config.optim.mu_dtype=bfloat16` halves the first moment; `--config.model.remat_policy=full`.
+`--config.optim.kwargs.mu_dtype=bfloat16` halves the first moment; `--config.model.remat_policy=full`.
 
 Expected (the paper's numbers, after fine-tuning at 384 px; this recipe has not been run at this
 scale in this repository): ViT-B/16 ImageNet-only 77.9% ImageNet top-1; ViT-B/16 pre-trained on
 ImageNet-21k 84.0%.
 """
+
+import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -70,7 +73,10 @@ def get_config(arg: str | None = None):
     config.total_epochs = epochs
     config.optim.name = "adamw"
     config.optim.learning_rate = 1e-3
-    config.optim.b1, config.optim.b2 = 0.9, 0.999
+    # mu_dtype: 'bfloat16' halves the first moment's memory (None = the params' dtype).
+    config.optim.kwargs = ml_collections.ConfigDict(
+        dict(b1=0.9, b2=0.999, mu_dtype=config_dict.placeholder(str))
+    )
     config.optim.weight_decay = weight_decay
     config.optim.grad_clip_norm = 1.0
     config.schedule.name = "linear"

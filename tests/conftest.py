@@ -8,7 +8,7 @@ def digits_data_dir(tmp_path_factory) -> str:
     """A TFDS data dir with the `digits` dataset prepared (offline, ~1 s), shared per session."""
     import tensorflow_datasets as tfds
 
-    import vit_jax.datasets  # noqa: F401  (registers `digits`)
+    import vit_jax.tfds_builders  # noqa: F401  (registers `digits`)
 
     tfds.disable_progress_bar()
     data_dir = str(tmp_path_factory.mktemp("tfds"))

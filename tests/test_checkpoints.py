@@ -11,10 +11,7 @@ from vit_jax import checkpoints, models, optim, sharding, train_state
 OPTIM = dict(
     name="adamw",
     learning_rate=1e-3,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    mu_dtype="bfloat16",
+    kwargs=dict(b1=0.9, b2=0.999, eps=1e-8, mu_dtype="bfloat16"),
     weight_decay=0.1,
     no_decay=r"bias$",
     grad_clip_norm=1.0,

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from vit_jax import input_pipeline
-from vit_jax.datasets import image_folder
+from vit_jax.tfds_builders import image_folder
 
 DARK, LIGHT = 40, 210  # Pixel values of the two classes, so labels can be checked from pixels.
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from vit_jax import checkpoints, metrics, trainer, workdir
-from vit_jax.datasets import image_folder
 from vit_jax.model_config import ViTConfig
+from vit_jax.tfds_builders import image_folder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOISE = ("oneDNN", "absl::InitializeLog", "FeatureConnector.dtype", "Traceback", "backend 'tpu'")

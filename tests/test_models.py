@@ -167,17 +167,6 @@ def test_patchify_flattens_each_patch_row_major():
     np.testing.assert_array_equal(patches[0, 1], np.asarray(x[0, 0:2, 3:6, 0]).reshape(-1))
 
 
-def test_same_inputs_and_params_give_identical_outputs():
-    model = tiny()
-    a = models.init_params(model, jax.random.key(3))
-    b = models.init_params(model, jax.random.key(3))
-    chex.assert_trees_all_equal(a, b)
-    params = random_params(model)
-    chex.assert_trees_all_equal(
-        model.apply({"params": params}, images()), model.apply({"params": params}, images())
-    )
-
-
 def permute_patches(x, permutation, patch=4):
     """Rearranges the image's patches on the grid (row-major patch order)."""
     b, h, w, c = x.shape
@@ -301,15 +290,30 @@ def test_intermediates_are_the_per_layer_tokens():
 
 
 def test_other_resolutions_resample_the_position_embeddings():
+    # Bilinear resampling of a ramp along the width: 4 -> 8 columns, half-pixel centres, so output
+    # column j reads input position j/2 - 1/4 (clamped to the edges); rows are copied.
+    ramp = jnp.tile(jnp.arange(4.0), (4, 1)).reshape(1, 16, 1)
+    resized = models.resize_posemb_grid(ramp, (4, 4), (6, 8)).reshape(6, 8)
+    expected = np.clip(np.arange(8) / 2 - 0.25, 0, 3)
+    np.testing.assert_allclose(resized, np.tile(expected, (6, 1)), atol=1e-6)
+    posemb = ramp.repeat(32, axis=-1)
+    chex.assert_trees_all_equal(models.resize_posemb_grid(posemb, (4, 4), (4, 4)), posemb)
+
+    # At 24x32 px the model uses exactly those resampled rows (class row kept): the same logits as
+    # a model built at 24x32 whose table was resampled beforehand.
     model = tiny()
     params = random_params(model)
-    logits = model.apply({"params": params}, images(size=(24, 32)))
-    chex.assert_shape(logits, (2, 10))
-    # Resampling to the same grid is the identity.
-    posemb = params["Transformer"]["posembed_input"]["pos_embedding"][:, 1:]
-    chex.assert_trees_all_equal(models.resize_posemb_grid(posemb, (4, 4), (4, 4)), posemb)
-    resized = models.resize_posemb_grid(posemb, (4, 4), (6, 8))
-    chex.assert_shape(resized, (1, 48, 32))
+    table = params["Transformer"]["posembed_input"]["pos_embedding"]
+    resampled = jnp.concatenate(
+        [table[:, :1], models.resize_posemb_grid(table[:, 1:], (4, 4), (6, 8))], axis=1
+    )
+    native = tiny(image_size=(24, 32))
+    native_params = jax.tree.map(lambda x: x, params)
+    native_params["Transformer"]["posembed_input"]["pos_embedding"] = resampled
+    x = images(size=(24, 32))
+    chex.assert_trees_all_close(
+        model.apply({"params": params}, x), native.apply({"params": native_params}, x), atol=1e-6
+    )
 
 
 def test_sincos_posemb_has_no_parameter_and_is_fixed():

@@ -14,12 +14,7 @@ from vit_jax import models, optim
 OPTIM = dict(
     name="adamw",
     learning_rate=0.1,
-    momentum=0.9,
-    nesterov=False,
-    b1=0.9,
-    b2=0.999,
-    eps=1e-8,
-    mu_dtype=None,
+    kwargs={},
     weight_decay=0.0,
     no_decay=r"(^|/)(bias|scale|pos_embedding|cls)$",
     grad_clip_norm=0.0,
@@ -75,8 +70,10 @@ def test_bad_schedule_and_optimizer_names_list_the_allowed_ones():
         optim.make_schedule({"name": "exp", "warmup_steps": 0}, 1.0, 10)
     with pytest.raises(ValueError, match="warmup_steps=20"):
         optim.make_schedule({"name": "cosine", "warmup_steps": 20}, 1.0, 10)
-    with pytest.raises(ValueError, match="allowed.*adamw"):
-        optim.make_optimizer({**OPTIM, "name": "lamb"}, CONSTANT, {"w": jnp.ones(2)}, 10)
+    with pytest.raises(ValueError, match="'adamw_typo' is not an optax optimizer; allowed"):
+        optim.make_optimizer({**OPTIM, "name": "adamw_typo"}, CONSTANT, {"w": jnp.ones(2)}, 10)
+    with pytest.raises(ValueError, match="'tree_map' is not an optax optimizer"):
+        optim.make_optimizer({**OPTIM, "name": "tree_map"}, CONSTANT, {"w": jnp.ones(2)}, 10)
     with pytest.raises(ValueError, match="not a valid regex"):
         optim.make_optimizer({**OPTIM, "freeze": "("}, CONSTANT, {"w": jnp.ones(2)}, 10)
 
@@ -123,7 +120,7 @@ def test_sgd_momentum_and_l2_decay():
     sgd = {**OPTIM, "name": "sgd", "weight_decay": 0.5, "no_decay": ""}
     updates, _ = one_update(sgd, params, grads)
     np.testing.assert_allclose(updates["w"], -0.1 * (2.0 + 0.5 * 1.0))
-    momentum = {**OPTIM, "name": "momentum", "momentum": 0.9}
+    momentum = {**OPTIM, "name": "sgd", "kwargs": {"momentum": 0.9}}
     updates, _ = one_update(momentum, params, grads, steps=2)  # second step: g + 0.9 g
     np.testing.assert_allclose(updates["w"], -0.1 * 1.9 * 2.0, rtol=1e-6)
 
@@ -157,20 +154,61 @@ def test_clip_lr_mults_and_freeze():
 
 def test_bfloat16_first_moment():
     params = {"w": jnp.ones((3,))}
-    _, state = one_update({**OPTIM, "mu_dtype": "bfloat16"}, params, {"w": jnp.ones((3,))})
+    config = {**OPTIM, "kwargs": {"mu_dtype": "bfloat16"}}
+    _, state = one_update(config, params, {"w": jnp.ones((3,))})
     adam = next(s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu")))
     assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu["w"].dtype == jnp.float32
 
 
-def test_every_optimizer_trains_a_quadratic():
-    for name in optim.OPTIMIZERS:
-        params = {"w": jnp.array([3.0, -2.0])}
-        tx, _ = optim.make_optimizer(
-            {**OPTIM, "name": name, "learning_rate": 0.1}, CONSTANT, params, 100
-        )
-        state = tx.init(params)
-        for _ in range(50):
-            grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-        assert float(jnp.sum(params["w"] ** 2)) < 13.0 * 0.5, name
+def _recipe_optimizers() -> list[tuple[str, dict]]:
+    """(name, optim config) of every recipe in configs/, with each config's own kwargs."""
+    from configs import common, digits, finetune, pretrain
+
+    configs = [common.get_config(), digits.get_config()]
+    configs += [finetune.get_config(f"ViT-B/16,{d}") for d in finetune.DATASETS]
+    configs += [pretrain.get_config(f"ViT-B/16,{d}") for d in pretrain.DATASETS]
+    return [(c.optim.name, c.optim.to_dict()) for c in configs]
+
+
+# Every optimizer a recipe names, and others optax has, to show a new one is a config change.
+OPTIMIZERS_IN_USE = _recipe_optimizers() + [
+    (name, {**OPTIM, "name": name}) for name in ("adam", "lion", "nadamw", "adafactor", "rmsprop")
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "config"), OPTIMIZERS_IN_USE, ids=[n for n, _ in OPTIMIZERS_IN_USE]
+)
+def test_every_optimizer_in_use_builds_and_trains_a_quadratic(name, config):
+    params = {"w": jnp.array([3.0, -2.0]), "bias": jnp.array([1.0])}
+    config = {**config, "learning_rate": 0.05, "grad_clip_norm": 0.0}
+    tx, _ = optim.make_optimizer(config, CONSTANT, params, 100)
+    state = tx.init(params)
+    loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum(p["bias"] ** 2)
+    for _ in range(50):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    assert float(loss(params)) < 14.0 * 0.5, name
+
+
+def test_optimizer_settings_outside_kwargs_or_unknown_to_it_are_named():
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"config.optim has \['b1'\].*kwargs"):
+        optim.make_optimizer({**OPTIM, "b1": 0.9}, CONSTANT, params, 10)
+    with pytest.raises(ValueError, match=r"\['momentum'\] are not arguments of optax.adamw"):
+        optim.make_optimizer({**OPTIM, "kwargs": {"momentum": 0.9}}, CONSTANT, params, 10)
+
+
+def test_decoupled_decay_goes_to_the_optimizer_and_l2_before_it():
+    """'lion' takes weight_decay (decoupled, masked by no_decay); 'adam' does not (L2 on grads)."""
+    params = {"dense": {"kernel": jnp.full((2,), 2.0), "bias": jnp.full((2,), 2.0)}}
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    lion = {**OPTIM, "name": "lion", "weight_decay": 0.5}
+    updates, _ = one_update(lion, params, zero_grads)
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1 * 0.5 * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(updates["dense"]["bias"], 0.0)
+    # Adam on an L2-decayed gradient: a first step of Adam is -lr * sign(g) for any g != 0.
+    adam = {**OPTIM, "name": "adam", "weight_decay": 0.5}
+    updates, _ = one_update(adam, params, zero_grads)
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.1, rtol=1e-4)
+    np.testing.assert_allclose(updates["dense"]["bias"], 0.0)

@@ -7,13 +7,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import FIXTURES, REPO, random_params
+from helpers import FIXTURES, REPO, TINY, random_params
 from PIL import Image
 
 import vit_jax
 from vit_jax import checkpoints, predict
 
-TINY = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=1, patch_size=4, image_size=16)
+TINY = {**TINY, "num_layers": 1}
 
 # fixture → (weights inside it, what the weights do not say)
 FORMATS = {

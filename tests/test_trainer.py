@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 
@@ -18,17 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import FIXTURES
+from helpers import COMPILE_CACHE, FIXTURES, REPO, TINY
 
 from configs import common
 from vit_jax import checkpoints, models, optim, sharding, train_state, train_step, trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Many runs here compile the same tiny steps; JAX's persistent cache turns the repeats into loads.
-COMPILE_CACHE = os.path.join(tempfile.gettempdir(), f"vit_jax_test_compile_cache_{os.getuid()}")
 jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-TINY_MODEL = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=(4, 4))
+# The image size comes from config.image_size.
+TINY_MODEL = {k: v for k, v in TINY.items() if k != "image_size"} | dict(num_heads=2, num_layers=1)
 
 
 class FakeData:
@@ -95,10 +93,6 @@ def tiny_config(**overrides):
     return config
 
 
-def use_fake_data(monkeypatch, **kwargs):
-    monkeypatch.setattr(trainer, "_get_datasets", lambda config: FakeData(config, **kwargs))
-
-
 # --- The train step --------------------------------------------------------------------------
 
 
@@ -128,7 +122,7 @@ def test_accumulated_micro_batches_equal_the_large_batch():
 def test_mixed_precision_keeps_float32_master_params():
     config = tiny_config()
     config.model.dtype = "bfloat16"
-    config.optim.mu_dtype = "bfloat16"
+    config.optim.kwargs.mu_dtype = "bfloat16"
     model = models.VisionTransformer(train_state.model_config_for(config, 10, 3))
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     tx, _ = optim.make_optimizer(config.optim, config.schedule, models.param_shapes(model), 10)
@@ -164,11 +158,10 @@ def test_eval_counts_each_example_once_with_padding():
 # --- Whole runs --------------------------------------------------------------------------------
 
 
-def test_run_writes_metrics_config_curves_checkpoints_and_final_line(monkeypatch, tmp_path, capsys):
-    use_fake_data(monkeypatch)
+def test_run_writes_metrics_config_curves_checkpoints_and_final_line(tmp_path, capsys):
     config = tiny_config(log_every_steps=3, eval_every_steps=6, checkpoint_every_steps=6)
     config.keep_checkpoints = 1
-    result = trainer.train_and_evaluate(config, str(tmp_path))
+    result = trainer.train_and_evaluate(config, str(tmp_path), data=FakeData(config))
 
     out = capsys.readouterr().out
     assert "step 12/12 | loss" in out and "img/s" in out and "ETA" in out
@@ -196,27 +189,28 @@ def test_run_writes_metrics_config_curves_checkpoints_and_final_line(monkeypatch
     assert checkpoints.TrainCheckpoints(tmp_path / "checkpoints").all_steps() == [12]
 
 
-def test_preempted_and_resumed_run_equals_uninterrupted_run(monkeypatch, tmp_path):
+def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("SIGTERM handlers can only be installed from the main thread")
     config = tiny_config(checkpoint_every_steps=4)
     config.model.dropout_rate = 0.1  # the resumed run must draw the same dropout masks
 
-    use_fake_data(monkeypatch)
-    uninterrupted = trainer.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
+    uninterrupted = trainer.train_and_evaluate(
+        config, str(tmp_path / "uninterrupted"), data=FakeData(config)
+    )
 
     def preempt_at(step):  # the cluster's SIGTERM arrives while batch 6 is being read
         if step == 6:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    use_fake_data(monkeypatch, on_batch=preempt_at)
-    first = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    first = trainer.train_and_evaluate(
+        config, str(tmp_path / "resumed"), data=FakeData(config, on_batch=preempt_at)
+    )
     assert first["preempted"] and 4 < first["step"] < 12
     saved = checkpoints.TrainCheckpoints(tmp_path / "resumed" / "checkpoints").all_steps()
     assert saved == [4, first["step"]]
 
-    use_fake_data(monkeypatch)
-    second = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+    second = trainer.train_and_evaluate(config, str(tmp_path / "resumed"), data=FakeData(config))
     assert not second["preempted"] and min(second["train_losses"]) == first["step"] + 1
     resumed = {**first["train_losses"], **second["train_losses"]}
     assert sorted(resumed) == sorted(uninterrupted["train_losses"])
@@ -225,14 +219,13 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(monkeypatch, tmp_pat
     assert second["eval"] == pytest.approx(uninterrupted["eval"], rel=1e-6)
 
 
-def test_nonfinite_loss_names_the_step_and_keeps_the_newest_checkpoint(monkeypatch, tmp_path):
+def test_nonfinite_loss_names_the_step_and_keeps_the_newest_checkpoint(tmp_path):
     # A NaN image in the batch of step 7; losses are only checked at the step-10 save.
-    use_fake_data(monkeypatch, nan_at_step=6)
     config = tiny_config(total_steps=12, log_every_steps=100, checkpoint_every_steps=5)
     with pytest.raises(
         trainer.NonFiniteLossError, match=r"at step 7\b.*the newest checkpoint is step 5"
     ):
-        trainer.train_and_evaluate(config, str(tmp_path))
+        trainer.train_and_evaluate(config, str(tmp_path), data=FakeData(config, nan_at_step=6))
     assert checkpoints.TrainCheckpoints(tmp_path / "checkpoints").all_steps() == [5]
     _, params = checkpoints.read_model(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -254,18 +247,15 @@ def test_length_from_epochs_and_clear_config_errors():
 def pretrained(tmp_path_factory):
     """A 16 px, 10-class tiny ViT trained a few steps, saved by the trainer."""
     workdir = tmp_path_factory.mktemp("pretrained")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        use_fake_data(monkeypatch)
-        trainer.train_and_evaluate(tiny_config(), str(workdir))
+    config = tiny_config()
+    trainer.train_and_evaluate(config, str(workdir), data=FakeData(config))
     return workdir
 
 
-def test_finetune_from_checkpoint_at_higher_resolution_and_other_class_count(
-    monkeypatch, pretrained, tmp_path
-):
+def test_finetune_from_checkpoint_at_higher_resolution_and_other_class_count(pretrained, tmp_path):
     _, source = checkpoints.read_model(pretrained)
     config = tiny_config(total_steps=3, image_size=32, init_from=str(pretrained))
-    config.optim.name = "momentum"
+    config.optim.name, config.optim.kwargs = "sgd", {"momentum": 0.9}
     dst = train_state.model_config_for(config, num_classes=5, num_channels=3)
     params = train_state.load_init_params(config.init_from, dst)
     posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
@@ -276,8 +266,7 @@ def test_finetune_from_checkpoint_at_higher_resolution_and_other_class_count(
     assert params["head"]["kernel"].shape == (32, 5) and not np.any(params["head"]["kernel"])
     np.testing.assert_array_equal(params["embedding"]["kernel"], source["embedding"]["kernel"])
 
-    use_fake_data(monkeypatch, num_classes=5)
-    result = trainer.train_and_evaluate(config, str(tmp_path))
+    result = trainer.train_and_evaluate(config, str(tmp_path), data=FakeData(config, num_classes=5))
     # A zero head gives uniform predictions: the first loss is exactly ln(5).
     np.testing.assert_allclose(result["train_losses"][1], np.log(5), rtol=1e-5)
     assert result["step"] == 3 and result["eval"]["count"] == 37
@@ -303,15 +292,14 @@ def test_finetune_init_from_a_published_npz_drops_pre_logits_and_resizes():
         train_state.load_init_params(PUBLISHED_NPZ, train_state.model_config_for(config, 5, 3))
 
 
-def test_missing_or_mismatched_init_checkpoint_is_a_clear_error(monkeypatch, pretrained, tmp_path):
-    use_fake_data(monkeypatch)
+def test_missing_or_mismatched_init_checkpoint_is_a_clear_error(pretrained, tmp_path):
     config = tiny_config(init_from=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="config.init_from=.*missing.*does not exist"):
-        trainer.train_and_evaluate(config, str(tmp_path / "a"))
+        trainer.train_and_evaluate(config, str(tmp_path / "a"), data=FakeData(config))
     config = tiny_config(init_from=str(pretrained))
     config.model.mlp_dim = 48  # another architecture
     with pytest.raises(ValueError, match="config.init_from=.*MlpBlock_3/Dense_0/kernel"):
-        trainer.train_and_evaluate(config, str(tmp_path / "b"))
+        trainer.train_and_evaluate(config, str(tmp_path / "b"), data=FakeData(config))
     assert not (tmp_path / "b" / "checkpoints").exists() or not list(
         (tmp_path / "b" / "checkpoints").iterdir()
     )
@@ -374,7 +362,7 @@ def run_on_mock_cifar10(data_dir: str, workdir: str, mesh: dict) -> list[float]:
     config.eval_batch_size = 24  # 64 test examples: 3 batches, the last one padded
     config.shuffle_buffer_size = MOCK_EXAMPLES
     config.model.dropout_rate = 0.1  # dropout masks must not depend on the device count either
-    config.optim.name = "momentum"
+    config.optim.name, config.optim.kwargs = "sgd", {"momentum": 0.9}
     config.optim.learning_rate = 0.1
     config.schedule.warmup_steps = 0
     config.mesh.data, config.mesh.fsdp = mesh["data"], mesh["fsdp"]
@@ -406,7 +394,9 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
     write_mock_cifar10(data_dir)
     one = run_on_mock_cifar10(data_dir, str(tmp_path / "one"), dict(data=1, fsdp=1))
 
-    code = EIGHT_DEVICE_RUN.format(repo=REPO, data_dir=data_dir, workdir=str(tmp_path / "eight"))
+    code = EIGHT_DEVICE_RUN.format(
+        repo=str(REPO), data_dir=data_dir, workdir=str(tmp_path / "eight")
+    )
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",

@@ -3,19 +3,11 @@
 import jax
 import numpy as np
 import pytest
+from helpers import TINY, random_params
 
 from vit_jax import get_config, models, transfer
 
-TINY = dict(
-    image_size=16,
-    patch_size=4,
-    hidden_size=32,
-    mlp_dim=64,
-    num_heads=4,
-    num_layers=2,
-    num_classes=10,
-    num_registers=2,
-)
+TINY = {**TINY, "num_classes": 10, "num_registers": 2}
 POSEMB = transfer.POSEMB_KEY
 
 
@@ -24,16 +16,9 @@ def src():
     return get_config(**TINY)
 
 
-def random_params(config, seed=0):
-    """Random values of the model's shapes: cheaper than init, and every value distinct."""
-    rng = np.random.default_rng(seed)
-    shapes = models.param_shapes(models.VisionTransformer(config))
-    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
-
-
 @pytest.fixture(scope="module")
 def params(src):
-    return random_params(src)
+    return random_params(models.VisionTransformer(src))
 
 
 def flat(tree):
@@ -94,7 +79,7 @@ def test_loop_scan_loop_round_trip(src, params):
 
 def test_pre_logits_dropped_when_target_has_none():
     src = get_config(**{**TINY, "representation_size": 16})
-    params = random_params(src)
+    params = random_params(models.VisionTransformer(src))
     dst = src.replace(representation_size=None)
     adapted = flat(transfer.adapt_params(params, src, dst))
     assert not any(key.startswith("pre_logits/") for key in adapted)

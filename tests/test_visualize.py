@@ -196,10 +196,18 @@ def test_plots_write_png_files(token_model, images, tmp_path):
         ),
         "batch": visualize.plot_attention(images, maps.rollout_map[:, None], titles=["rollout"]),
         "gray": visualize.plot_attention(
-            np.zeros((16, 16, 1), np.uint8), maps.rollout_map[:, None]
+            np.arange(256, dtype=np.uint8).reshape(16, 16, 1), np.ones((2, 4, 4))
         ),
     }
     for name, fig in figures.items():
+        # Not a blank figure: every panel shows an image that is not all one value or all NaN.
+        panels = [ax for ax in fig.axes if ax.get_visible() and ax.images]
+        assert panels, name
+        for ax in panels:
+            shown = np.ma.filled(ax.images[0].get_array().astype(float), np.nan)
+            assert np.isfinite(shown).any(), name
+        shown = [im.get_array().astype(float) for ax in panels for im in ax.images]
+        assert any(np.nanstd(x) > 0 for x in shown), name
         path = tmp_path / f"{name}.png"
         fig.savefig(path)
         assert_png(path)

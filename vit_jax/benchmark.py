@@ -280,5 +280,11 @@ def _run() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `vit-benchmark` console script."""
+    sys.modules["__main__"].__doc__ = __doc__  # what absl's --help prints
     app.run(main, flags_parser=cli.absl_flags_parser)
+
+
+if __name__ == "__main__":
+    run()

@@ -34,13 +34,29 @@ def validate_training(config) -> None:
     for field in ("weight_decay", "grad_clip_norm"):
         value = optim[field]
         _require(_number(value) and value >= 0, f"optim.{field}", value, "must be >= 0 (0 = off)")
+    kwargs = dict(optim.get("kwargs") or {})  # the named optax optimizer's own arguments
     for field in ("momentum", "b1", "b2"):
-        value = optim[field]
-        _require(_number(value) and 0 <= value < 1, f"optim.{field}", value, "must be in [0, 1)")
-    _require(_number(optim.eps) and optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
+        value = kwargs.get(field)
+        if value is not None:
+            _require(
+                _number(value) and 0 <= value < 1,
+                f"optim.kwargs.{field}",
+                value,
+                "must be in [0, 1)",
+            )
+    if kwargs.get("eps") is not None:
+        eps = kwargs["eps"]
+        _require(_number(eps) and eps > 0, "optim.kwargs.eps", eps, "must be > 0")
 
     warmup = schedule.warmup_steps
     _require(_int(warmup) and warmup >= 0, "schedule.warmup_steps", warmup, "must be an int >= 0")
+    fraction = schedule.get("warmup_fraction") or 0
+    _require(
+        _number(fraction) and 0 <= fraction < 1,
+        "schedule.warmup_fraction",
+        fraction,
+        "must be in [0, 1)",
+    )
     end = schedule.end_lr_fraction
     _require(_number(end) and 0 <= end <= 1, "schedule.end_lr_fraction", end, "must be in [0, 1]")
     cooldown = schedule.cooldown_steps

@@ -19,31 +19,11 @@ Batches are per-process numpy; `vit_jax.sharding` turns them into global `jax.Ar
 data field of `config` takes its `default_data_config()` value; other fields are ignored, but an
 unknown `pp.*` field is an error (a typo would otherwise silently do nothing).
 
-Config fields (`default_data_config()` gives them all; `get_datasets` validates them first):
-  dataset             TFDS name ('cifar10', 'imagenet2012', 'digits', ...) or a path to an image
-                      folder `<root>/<split>/<class_name>/*.{jpg,jpeg,png}`.
-  data_dir            TFDS data dir (None: TFDS's default). Unprepared TFDS datasets are
-                      downloaded and prepared there; `digits` and image folders are prepared
-                      there offline on first use. (Processes racing to prepare the same dir are
-                      fine; on a pod, preparing once beforehand saves every host the work.)
-  train_split, eval_split   TFDS split specs ('train', 'test', 'train[:90%]', ...).
-  image_size          side of the square images the model sees.
-  batch_size, eval_batch_size   global; each must divide by the process count.
-  seed                everything random (order, augmentation, mixup) derives from it.
-  shuffle_buffer_size examples per process in the shuffle buffer (streamed splits only).
-  skip_corrupt_images image folders: skip (and log) undecodable files instead of raising.
-  pp.crop_area_range  Inception crop: fraction of the image area kept, e.g. (0.05, 1.0);
-                      None: resize the whole image.
-  pp.crop_aspect_range  aspect ratios the Inception crop may take.
-  pp.flip             random horizontal flips.
-  pp.translate_pixels random shifts of up to this many output pixels, black fill (small images).
-  pp.randaugment_layers, pp.randaugment_magnitude   RandAugment (0 layers: off); see
-                      `vit_jax.data.randaugment` for the ops.
-  pp.mixup_alpha      mixup with lam ~ Beta(alpha, alpha) per batch (0: off).
-  pp.label_smoothing  train labels only.
-  pp.eval_crop_fraction  1.0: resize the whole eval image; < 1: central square crop of that
-                      fraction of the shorter side, then resize (0.875 is the classic 256->224).
-  pp.num_channels     1 or 3; grayscale images become 3-channel when 3 (and vice versa).
+Config fields: `vit_jax/data/defaults.py` lists each with its default and meaning
+(`default_data_config()` gives them all; `get_datasets` validates them first). `data_dir`: unprepared
+TFDS datasets are downloaded and prepared there; `digits` and image folders are prepared there
+offline on first use (processes racing to prepare the same dir are fine; on a pod, preparing once
+beforehand saves every host the work). Batch sizes must divide by the process count.
 
 Training order: one global stream of examples, the same whatever the topology. Step `s`'s global
 batch is the stream positions s*batch_size .. (s+1)*batch_size - 1, and process `i` of `n` yields
@@ -86,9 +66,9 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from vit_jax.data import preprocess
-from vit_jax.data.defaults import PREPROCESSING_DEFAULTS
+from vit_jax.data.defaults import DATA_DEFAULTS, PREPROCESSING_DEFAULTS
 from vit_jax.data.validation import validate_config, validate_dataset
-from vit_jax.datasets import image_folder_builder  # Also registers the `digits` builder.
+from vit_jax.tfds_builders import image_folder_builder  # Also registers the `digits` builder.
 
 # The input pipeline is CPU work: never let TF take accelerator memory from JAX. (RuntimeError:
 # TF's devices were already initialized elsewhere; then there is nothing to change.)
@@ -106,22 +86,8 @@ _ORDER, _AUGMENT, _MIXUP = 1, 2, 3
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """All the data fields `get_datasets` reads, with defaults for the offline digits run."""
-    return ml_collections.ConfigDict(
-        dict(
-            dataset="digits",
-            data_dir=None,
-            train_split="train",
-            eval_split="test",
-            image_size=32,
-            batch_size=128,
-            eval_batch_size=256,
-            seed=0,
-            shuffle_buffer_size=10_000,
-            skip_corrupt_images=False,
-            pp=dict(PREPROCESSING_DEFAULTS),
-        )
-    )
+    """All the data fields `get_datasets` reads, at their defaults (`vit_jax/data/defaults.py`)."""
+    return ml_collections.ConfigDict(dict(DATA_DEFAULTS, pp=dict(PREPROCESSING_DEFAULTS)))
 
 
 def get_datasets(config, process_index: int | None = None, process_count: int | None = None):

@@ -12,11 +12,25 @@ import json
 import re
 from typing import Any
 
+# Pooling of the encoded tokens before the head ('none': every token, for features). A new one is
+# handled in step 4 of `models.VisionTransformer` (which raises for a name it does not handle), then,
+# where it applies: its module in layers.py; configs/common.NO_DECAY (its parameters without weight decay);
+# transfer._TOP_ORDER (its top-level key); formats/layout.py (inferring it from a checkpoint) and
+# each formats/<format>.py (writing it, or naming it as not representable); visualize.py
+# (`from_class_token`: which token the head reads). tests/test_registries.py builds, trains one
+# step and exports every entry.
 POOLINGS = ("token", "gap", "map", "none")
 POSEMBS = ("learn", "sincos2d", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# Rematerialization (`nn.remat`) policy name → the `jax.checkpoint_policies` function it uses ('none':
+# no remat; 'full': save nothing, recompute everything).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": "checkpoint_dots",
+    "dots_with_no_batch_dims": "dots_with_no_batch_dims_saveable",
+}
 
 # Width, MLP width, heads, depth: the paper's Table 1 (Ti/S from DeiT) and big_vision's larger widths.
 WIDTHS: dict[str, dict[str, int]] = {
@@ -98,7 +112,7 @@ class ViTConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("remat_policy", self.remat_policy, tuple(REMAT_POLICIES))
         for side, image, patch in zip(("height", "width"), self.image_size, self.patch_size):
             if image % patch:
                 raise ValueError(

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.layers import EncoderBlock, MAPHead, drop_path_rates
-from vit_jax.model_config import ViTConfig, get_config
+from vit_jax.model_config import REMAT_POLICIES, ViTConfig, get_config
 
 Array = jax.Array
 
@@ -89,13 +89,6 @@ class PatchEmbedding(nn.Module):
         return (x + bias.astype(dtype)).reshape(b, gh * gw, d)
 
 
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
 class AddPositionEmbs(nn.Module):
     """Adds position embeddings to the patch tokens and prepends the class/register tokens."""
 
@@ -150,8 +143,11 @@ class Encoder(nn.Module):
         rates = drop_path_rates(cfg)
         block_cls = EncoderBlock
         if cfg.remat_policy != "none":
+            policy = REMAT_POLICIES[cfg.remat_policy]
             block_cls = nn.remat(
-                EncoderBlock, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan
+                EncoderBlock,
+                policy=policy and getattr(jax.checkpoint_policies, policy),
+                prevent_cse=not cfg.scan,
             )
         block_args = (cfg, self.deterministic, self.return_weights)
         if cfg.scan:
@@ -238,15 +234,20 @@ class VisionTransformer(nn.Module):
             cfg, deterministic=not train, return_weights=return_attention, name="Transformer"
         )(x, prefix, grid)
 
-        # 4. Pooling and the classification head.
+        # 4. Pooling (each name in model_config.POOLINGS, explicitly) and the classification head.
         if cfg.pool == "token":
             x = encoded[:, 0]
         elif cfg.pool == "gap":
             x = encoded[:, cfg.num_prefix_tokens :].mean(axis=1)
         elif cfg.pool == "map":
             x = MAPHead(cfg, deterministic=not train, name="MAPHead_0")(encoded)
-        else:
+        elif cfg.pool == "none":
             x = encoded
+        else:
+            raise NotImplementedError(
+                f"pool={cfg.pool!r} is listed in model_config.POOLINGS but VisionTransformer "
+                f"does not handle it (step 4 of models.py)"
+            )
         if cfg.fc_norm:
             x = nn.LayerNorm(
                 cfg.layernorm_epsilon, dtype=dtype, param_dtype=pdtype, name="fc_norm"

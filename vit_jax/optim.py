@@ -1,12 +1,13 @@
 """The optimizer and learning-rate schedule, built from `config.optim` and `config.schedule` with optax.
 
-The update of a trainable parameter, in order (each step optional by config):
+`config.optim.name` is the name of any optax optimizer (`optax.<name>(learning_rate, ...)`: 'adamw',
+'sgd', 'lion', 'adafactor', ...) and `config.optim.kwargs` its own arguments (`b1`, `momentum`,
+`mu_dtype`, ...), so a new optimizer is a config change. Around it, the same for every optimizer:
   1. clip the gradient's global norm (over the trainable parameters);
-  2. L2 weight decay added to the gradient ('sgd', 'momentum', 'adam');
-  3. the optimizer's direction: plain ('sgd'), heavy-ball ('momentum'), Adam ('adam', 'adamw');
-  4. decoupled weight decay ('adamw', Loshchilov & Hutter), on the masked parameters only;
-  5. per-parameter learning-rate multipliers (`optim.lr_mults`, first matching regex wins);
-  6. scale by -schedule(step).
+  2. weight decay on the parameters not matching `optim.no_decay`: passed to the optimizer when it
+     takes `weight_decay` (decoupled, as in 'adamw'), else added to the gradient (L2, e.g. 'sgd');
+  3. the optimizer itself, with the learning-rate schedule;
+  4. per-parameter learning-rate multipliers (`optim.lr_mults`, first matching regex wins).
 Frozen parameters (`optim.freeze`) get zero updates and keep no optimizer state.
 
 Regexes match parameter paths written with '/', e.g. 'Transformer/encoderblock_3/MlpBlock_3/Dense_0/bias'.
@@ -14,6 +15,7 @@ Regexes match parameter paths written with '/', e.g. 'Transformer/encoderblock_3
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,7 +24,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+# The fields of `config.optim` read here; the optimizer's own settings go in `kwargs`.
+OPTIM_FIELDS = (
+    "name",
+    "learning_rate",
+    "kwargs",
+    "weight_decay",
+    "no_decay",
+    "grad_clip_norm",
+    "lr_mults",
+    "freeze",
+)
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 
 
@@ -46,6 +58,23 @@ def _compile(pattern: str, field: str) -> re.Pattern:
 # Schedule.
 
 
+def warmup_steps_of(schedule: Mapping[str, Any], total_steps: int) -> int:
+    """`schedule.warmup_steps`, or `schedule.warmup_fraction` of `total_steps` (rounded); 0 = unset.
+
+    A fraction scales with the run, so a recipe's warmup still fits a short `--config.total_steps`.
+    """
+    steps = int(schedule.get("warmup_steps") or 0)
+    fraction = float(schedule.get("warmup_fraction") or 0.0)
+    if steps and fraction:
+        raise ValueError(
+            f"set one of config.schedule.warmup_steps ({steps}) and "
+            f"config.schedule.warmup_fraction ({fraction}); 0 unsets one"
+        )
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"config.schedule.warmup_fraction={fraction} must be in [0, 1]")
+    return steps or round(fraction * total_steps)
+
+
 def make_schedule(schedule: Mapping[str, Any], learning_rate: float, total_steps: int):
     """step → learning rate: linear warmup from 0, then `schedule.name` until `total_steps`.
 
@@ -59,7 +88,7 @@ def make_schedule(schedule: Mapping[str, Any], learning_rate: float, total_steps
     name = schedule["name"]
     if name not in SCHEDULES:
         raise ValueError(f"config.schedule.name={name!r} is not supported; allowed: {SCHEDULES}")
-    warmup = int(schedule["warmup_steps"])
+    warmup = warmup_steps_of(schedule, total_steps)
     end_fraction = float(schedule.get("end_lr_fraction", 0.0))
     timescale = float(schedule.get("rsqrt_timescale", 10_000))
     cooldown = int(schedule.get("cooldown_steps", 0))
@@ -159,6 +188,34 @@ def scale_by_lr_mults(lr_mults: Any) -> optax.GradientTransformation:
 # The optimizer.
 
 
+def optax_optimizer(name: str) -> Callable[..., optax.GradientTransformation]:
+    """`optax.<name>`, checked to be an optimizer: a function taking `learning_rate`."""
+    factory = getattr(optax, name, None) if isinstance(name, str) else None
+    if not callable(factory) or "learning_rate" not in _arguments(factory):
+        raise ValueError(
+            f"config.optim.name={name!r} is not an optax optimizer; allowed: the name of any "
+            f"optax function taking learning_rate, e.g. 'adamw', 'sgd', 'lion', 'adafactor'"
+        )
+    return factory
+
+
+def _arguments(factory: Callable) -> tuple[str, ...]:
+    return tuple(inspect.signature(factory).parameters)
+
+
+def _optimizer_kwargs(optim: Mapping[str, Any], factory: Callable) -> dict[str, Any]:
+    kwargs = optim.get("kwargs") or {}
+    kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+    allowed = [a for a in _arguments(factory) if a not in ("learning_rate", "weight_decay", "mask")]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"config.optim.kwargs {unknown} are not arguments of optax.{optim['name']}; allowed: "
+            f"{allowed} (weight decay and its mask come from config.optim.weight_decay/no_decay)"
+        )
+    return kwargs
+
+
 def make_optimizer(
     optim: Mapping[str, Any], schedule: Mapping[str, Any], params: Any, total_steps: int
 ) -> tuple[optax.GradientTransformation, Callable]:
@@ -166,41 +223,36 @@ def make_optimizer(
 
     `params` is only read for its tree structure and paths (which parameters are frozen).
     """
-    name = optim["name"]
-    if name not in OPTIMIZERS:
-        raise ValueError(f"config.optim.name={name!r} is not supported; allowed: {OPTIMIZERS}")
+    stray = sorted(set(optim) - set(OPTIM_FIELDS))
+    if stray:
+        raise ValueError(
+            f"config.optim has {stray}; allowed: {list(OPTIM_FIELDS)}. An optimizer's own "
+            f"settings go in config.optim.kwargs, e.g. kwargs={{'b1': 0.9}}"
+        )
+    factory = optax_optimizer(optim["name"])
+    kwargs = _optimizer_kwargs(optim, factory)
     lr_schedule = make_schedule(schedule, float(optim["learning_rate"]), total_steps)
-    mu_dtype = optim.get("mu_dtype") or None
-    weight_decay = float(optim.get("weight_decay", 0.0))
+    weight_decay = float(optim.get("weight_decay") or 0.0)
     no_decay = optim.get("no_decay", "")
 
     chain = []
     if optim.get("grad_clip_norm"):
         chain.append(optax.clip_by_global_norm(float(optim["grad_clip_norm"])))
-    if weight_decay and name != "adamw":
-        chain.append(add_decayed_weights(weight_decay, no_decay))
-    if name == "momentum":
-        chain.append(
-            optax.trace(
-                decay=float(optim["momentum"]),
-                nesterov=bool(optim.get("nesterov", False)),
-                accumulator_dtype=mu_dtype,
-            )
-        )
-    elif name in ("adam", "adamw"):
-        chain.append(
-            optax.scale_by_adam(
-                b1=float(optim["b1"]),
-                b2=float(optim["b2"]),
-                eps=float(optim["eps"]),
-                mu_dtype=mu_dtype,
-            )
-        )
-    if weight_decay and name == "adamw":
-        chain.append(add_decayed_weights(weight_decay, no_decay))
+    if "weight_decay" in _arguments(factory):
+        # Decoupled (AdamW-style): the optimizer scales it by the schedule itself.
+        kwargs["weight_decay"] = weight_decay
+        if no_decay:
+            if "mask" not in _arguments(factory):
+                raise ValueError(
+                    f"optax.{optim['name']} takes no weight-decay mask: set "
+                    f"config.optim.no_decay='' (decay everything) or weight_decay=0"
+                )
+            kwargs["mask"] = lambda tree: decay_mask(tree, no_decay)
+    elif weight_decay:
+        chain.append(add_decayed_weights(weight_decay, no_decay))  # L2, before the optimizer
+    chain.append(factory(learning_rate=lr_schedule, **kwargs))
     if optim.get("lr_mults"):
         chain.append(scale_by_lr_mults(optim["lr_mults"]))
-    chain.append(optax.scale_by_learning_rate(lr_schedule))
     tx = optax.chain(*chain)
 
     if optim.get("freeze"):

@@ -39,6 +39,11 @@ def model_config_for(config: ml_collections.ConfigDict, num_classes: int, num_ch
             f"config.model sets {overlap}; these come from the data: use config.image_size "
             f"(the class and channel counts are read from the dataset)"
         )
+    if fields.get("pool") == "none":
+        raise ValueError(
+            "config.model.pool='none' returns every token's logits, which a classifier cannot be "
+            "trained on; allowed for training: 'token', 'gap', 'map'"
+        )
     return ViTConfig.from_dict(
         {
             **fields,
@@ -49,14 +54,14 @@ def model_config_for(config: ml_collections.ConfigDict, num_classes: int, num_ch
     )
 
 
+def _fresh_state(model: models.VisionTransformer, tx: optax.GradientTransformation, rng) -> dict:
+    params = models.init_params(model, rng)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
 def state_shapes(model: models.VisionTransformer, tx: optax.GradientTransformation) -> dict:
     """The train state as ShapeDtypeStructs, computed without allocating anything."""
-
-    def init():
-        params = models.init_params(model, jax.random.key(0))
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    return jax.eval_shape(init)
+    return jax.eval_shape(lambda: _fresh_state(model, tx, jax.random.key(0)))
 
 
 def state_shardings(shapes: dict, mesh: jax.sharding.Mesh, fsdp_min_size: int, rules=()) -> dict:
@@ -72,12 +77,7 @@ def init_state(
 ) -> dict:
     """A step-0 train state laid out as `shardings`: random params, or the given (host) params."""
     if params is None:
-
-        def init():
-            p = models.init_params(model, rng)
-            return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
-
-        return jax.jit(init, out_shardings=shardings)()
+        return jax.jit(lambda: _fresh_state(model, tx, rng), out_shardings=shardings)()
 
     params = jax.tree.map(_place_host_array, params, shardings["params"])
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)

@@ -226,10 +226,13 @@ def _warn_on_topology_change(data_state: dict) -> None:
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False
+    config: ml_collections.ConfigDict, workdir: str, data: Any = None, *, restart: bool = False
 ) -> dict[str, Any]:
     """Train (or resume) as `config` says, evaluate, and write everything to `workdir`.
 
+    `data` is what `input_pipeline.get_datasets(config)` returns (None: exactly that), or anything
+    with its contract: `num_classes`, `num_train_examples`, `image_shape`, a restartable
+    `train_iter(start_step)` and a padded, masked `eval_iter()` (tests pass in-memory data).
     `restart`: start over in a workdir that holds another run (moved to `previous-<n>/`).
     Returns {'step': final step, 'eval': final eval metrics, 'train_losses': {step: loss} of the
     steps this call ran, 'preempted': bool, 'stopped_by': 'SIGTERM' | 'SIGINT' | None}.
@@ -245,7 +248,7 @@ def train_and_evaluate(
     )
     owner.check_writable()
     owner.check_not_in_use()
-    data = _get_datasets(config)
+    data = _get_datasets(config) if data is None else data
     distributed.check_shared_workdir(workdir)
     total_steps = total_steps_of(config, data.num_train_examples)
     model_config = train_state.model_config_for(

@@ -3,6 +3,6 @@
 * `preprocess`: decode, crops, resize, flip, normalization, labels, mixup (tf.data ops).
 * `randaugment`: RandAugment in TF ops.
 * `validation`: config and dataset checks with clear errors.
-* `benchmark`: `python -m vit_jax.data.benchmark` measures input images/s.
-* `defaults`: the preprocessing defaults, free of TensorFlow so config files can import them.
+* `input_benchmark`: `python -m vit_jax.data.input_benchmark` measures input images/s.
+* `defaults`: every data field's default and meaning, free of TensorFlow so config files import them.
 """

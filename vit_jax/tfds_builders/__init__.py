@@ -5,7 +5,7 @@
   TFRecords on first use (see `image_folder.py`).
 """
 
-from vit_jax.datasets import digits, image_folder
-from vit_jax.datasets.image_folder import image_folder_builder
+from vit_jax.tfds_builders import digits, image_folder
+from vit_jax.tfds_builders.image_folder import image_folder_builder
 
 __all__ = ["digits", "image_folder", "image_folder_builder"]

@@ -1,7 +1,7 @@
 """Measures the input pipeline alone (no model): train and eval images per second.
 
-    python -m vit_jax.data.benchmark --dataset digits --image_size 32 --batch_size 128
-    python -m vit_jax.data.benchmark --dataset jpeg_folder --image_size 224 --batch_size 64
+    python -m vit_jax.data.input_benchmark --dataset digits --image_size 32 --batch_size 128
+    python -m vit_jax.data.input_benchmark --dataset jpeg_folder --image_size 224 --batch_size 64
 
 `jpeg_folder` writes a folder of synthetic 224x224 JPEGs (smooth random colour fields, about the
 size of ImageNet JPEGs after resizing) into a temporary directory first; any other value is passed

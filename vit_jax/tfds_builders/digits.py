@@ -3,7 +3,7 @@
 The images ship inside scikit-learn (`sklearn.datasets.load_digits`), so the dataset prepares
 offline, in about a second, the first time it is asked for::
 
-    import vit_jax.datasets  # registers the builder
+    import vit_jax.tfds_builders  # registers the builder
     ds = tfds.load('digits', split='train', data_dir=...)
 
 Splits are fixed: `test` holds 36 images of every digit (360), picked by a seeded permutation

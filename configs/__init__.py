@@ -1,0 +1,1 @@
+"""The training recipes (`--config configs/<name>.py` or, installed, `--config <name>`)."""

@@ -1,6 +1,6 @@
 """Bad input to the four command lines: exit status, one FATAL line naming the value, workdir as it was.
 
-Every case runs the real `main` of train.py, `vit_jax.predict`, `vit_jax.convert` and
+Every case runs the real `main` of train.py (vit_jax/main.py), `vit_jax.predict`, `vit_jax.convert` and
 `vit_jax.benchmark` in this process (the flags are re-parsed per case), against one shared tiny
 trained workdir, and fails before any JAX compilation.
 """
@@ -45,7 +45,7 @@ def run_cli(monkeypatch, capsys):
         try:
             if kind in ("train", "benchmark"):
                 module = importlib.import_module(
-                    "train" if kind == "train" else "vit_jax.benchmark"
+                    "vit_jax.main" if kind == "train" else "vit_jax.benchmark"
                 )
                 parse = module._parse_flags if kind == "train" else cli.absl_flags_parser
                 flags.FLAGS.unparse_flags()

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_trainer import tiny_config, use_fake_data
+from test_trainer import FakeData, tiny_config
 
 from vit_jax import dispatch, trainer
 
@@ -30,15 +30,16 @@ def test_grouped_stacks_consecutive_batches_in_order():
     np.testing.assert_array_equal(groups[2][1]["x"], [4, 4])
 
 
-def test_k_steps_per_dispatch_equal_single_steps(monkeypatch, tmp_path):
+def test_k_steps_per_dispatch_equal_single_steps(tmp_path):
     # Dropout on: every step must also draw the rng of its own step number inside the scan.
     results = {}
     for k in (1, 4):
         config = tiny_config(total_steps=11, log_every_steps=5, eval_every_steps=10)
         config.steps_per_dispatch = k
         config.model.dropout_rate = 0.1
-        use_fake_data(monkeypatch)
-        results[k] = trainer.train_and_evaluate(config, str(tmp_path / f"k{k}"))
+        results[k] = trainer.train_and_evaluate(
+            config, str(tmp_path / f"k{k}"), data=FakeData(config)
+        )
     single, multi = results[1], results[4]
     assert multi["step"] == single["step"] == 11
     assert sorted(multi["train_losses"]) == list(range(1, 12))

@@ -78,8 +78,8 @@ def test_benchmark_script_runs_from_another_directory(installed, tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [r["mode"] for r in records] == ["inference"]
+    report = json.loads(result.stdout)  # one JSON document; the table goes to stderr
+    assert [r["mode"] for r in report["results"]] == ["inference"]
 
 
 @pytest.mark.slow  # a 1-step training run (~30-60 s)

@@ -78,6 +78,8 @@ class _LibraryFilter(logging.Filter):
     """Drops the libraries' records below ERROR, and Orbax's errors (our own line reports them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio" and "never retrieved" in record.getMessage():
+            return False  # Orbax's failed background writes: our CheckpointWriteError line says it
         path = record.pathname.replace(os.sep, "/")
         library = next((name for name in _CHATTY if f"/{name}/" in path), None)
         if library is None:

@@ -58,6 +58,9 @@ def run_guarded(main: Callable[[], int | None], verbose: bool | Callable[[], boo
         sys.stdout.flush()
         reason = str(e) or "interrupted (Ctrl-C) before training started; nothing was saved"
         print(f"FATAL {reason}", file=sys.stderr, flush=True)
+        if getattr(e, "abort_now", False):  # a second Ctrl-C: nothing may wait on exit
+            sys.stdout.flush()
+            os._exit(EXIT_SIGINT)
         return EXIT_SIGINT
     except Exception as e:  # noqa: BLE001  (every error ends in one line; --verbose shows more)
         if verbose() if callable(verbose) else verbose:
@@ -107,7 +110,9 @@ def quiet_logs(verbose: bool, *, tensorflow: bool = True) -> None:
     # JAX's persistent compilation cache failing to read/write (a full disk) is only slower.
     warnings.filterwarnings("ignore", message=r".*persistent compilation cache.*")
     # Orbax's background writes abandoned by a failed save (full disk): our FATAL line says it.
-    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning
+    )
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)

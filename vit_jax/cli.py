@@ -107,7 +107,9 @@ def quiet_logs(verbose: bool, *, tensorflow: bool = True) -> None:
     # JAX's persistent compilation cache failing to read/write (a full disk) is only slower.
     warnings.filterwarnings("ignore", message=r".*persistent compilation cache.*")
     # Orbax's background writes abandoned by a failed save (full disk): our FATAL line says it.
-    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning
+    )
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -128,7 +130,9 @@ def quiet_logs(verbose: bool, *, tensorflow: bool = True) -> None:
         import tensorflow_datasets as tfds
     except ImportError:  # pragma: no cover - tfds is a requirement
         return
-    tfds.disable_progress_bar()  # our own bars (vit_jax.progress) describe the work instead
+    # TFDS's bars are switched on only around a preparation, and only on a terminal (see
+    # progress.tfds_bars); our own builders draw ours instead.
+    tfds.disable_progress_bar()
 
 
 def _quiet_excepthook(exc_type, value, tb):

@@ -25,11 +25,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
 import urllib.error
 import urllib.request
 import zipfile
 
+from vit_jax import progress
 from vit_jax.preprocessing import DEFAULT, Preprocessing
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com"
@@ -216,7 +216,8 @@ def fetch(entry: Pretrained, base_url: str | None = None) -> str:
             urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
             open(partial, "wb") as f,
         ):
-            shutil.copyfileobj(response, f)
+            desc = f"download {entry.model} {entry.name}"
+            progress.copy(response, f, getattr(response, "length", None) or entry.size, desc)
     except (urllib.error.URLError, OSError) as e:
         if os.path.exists(partial):
             os.remove(partial)

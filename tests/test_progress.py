@@ -6,16 +6,14 @@ On a terminal each piece of work draws one bar that reaches its total and is lef
 terminal is faked by a stderr whose `isatty()` says yes: the seam tqdm itself uses.
 """
 
-import contextlib
 import io
-import re
 import sys
 from unittest import mock
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import FIXTURES
+from helpers import FIXTURES, FakeTerminal, assert_finished, fake_terminal, final_lines
 from PIL import Image
 from tensorflow_datasets.core.utils import tqdm_utils
 
@@ -23,37 +21,11 @@ from vit_jax import convert, progress
 from vit_jax.tfds_builders import image_folder
 
 
-class FakeTerminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-@contextlib.contextmanager
-def fake_terminal():
-    """stderr as a terminal for the block (set inside the test: pytest resets sys.stderr between
-    a fixture's setup and the test body)."""
-    stream = FakeTerminal()
-    with mock.patch.object(sys, "stderr", stream):
-        yield stream
-
-
 @pytest.fixture
 def tfds_bars_on():
     """TFDS's bars enabled, as in a plain Python session (the CLIs and conftest turn them off)."""
     with progress.tfds_bars(True):
         yield
-
-
-def final_lines(output: str) -> list[str]:
-    """What stays on screen: the last frame drawn on each line (bars redraw after '\\r')."""
-    return [line.split("\r")[-1].strip() for line in output.split("\n") if line.split("\r")[-1]]
-
-
-def assert_finished(lines: list[str], desc: str, total: int) -> None:
-    line = next((x for x in lines if x.startswith(f"{desc}:")), None)
-    assert line is not None, (desc, lines)
-    assert f"{total}/{total}" in line and "100%" in line, line
-    assert "?" not in line and "<00:00" in line, line
 
 
 def test_a_finished_bar_is_left_with_its_total_and_a_stopped_one_is_cleared():
@@ -144,5 +116,4 @@ def test_copy_counts_every_byte():
     with fake_terminal() as terminal:
         progress.copy(io.BytesIO(data), target, len(data), "download x")
     assert target.getvalue() == data
-    line = next(x for x in final_lines(terminal.getvalue()) if x.startswith("download x"))
-    assert re.search(r"3\.00M/3\.00M", line) and "?" not in line, line
+    assert_finished(final_lines(terminal.getvalue()), "download x", "3.00M")

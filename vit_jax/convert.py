@@ -394,8 +394,13 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> int:
         # One bar over the stages (reading + translating, writing, checking what a reader needs);
-        # a download of a remote source has its own bar in bytes.
-        with progress.bar(3, f"convert to {args.to}", unit="stage", leave=True) as stages:
+        # a download of a remote source has its own bar in bytes. Warnings print above the bar.
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with (
+            logging_redirect_tqdm(),
+            progress.bar(3, f"convert to {args.to}", unit="stage", leave=True) as stages,
+        ):
             loaded = load_checkpoint(args.src, variant=args.variant, **overrides)
             stages.update(1)
             save_pretrained(

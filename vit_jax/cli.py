@@ -224,7 +224,7 @@ def absl_verbose() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# argparse command lines (vit_jax.predict, vit_jax.convert).
+# argparse command lines (vit_jax.predict, vit_jax.convert, vit_jax.pretrained).
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -13,10 +13,10 @@ corrupt download is never used (a corrupt cached copy is fetched again). Offline
 which URL to fetch and where to put the file.
 
 What "verified" means: the CRC-32 that the .npz (zip) archive stores for every array is checked, so a
-truncated or damaged file is refused. The table records no published size or sha256 for these files
-(the buckets publish none beside them, and they could not be fetched to measure here), so it does not
-prove the file is the one Google published; an entry given `size=` / `sha256=` (a mirror's own table,
-the tests) is checked against those too.
+truncated or damaged file is refused. The table records no size or sha256 for these files (it was
+written without downloading them; the buckets publish no sha256), so a complete file that differs
+from Google's is not detected; an entry given `size=` / `sha256=` (a mirror's own table, the
+tests) is checked against those too.
 
 Sources of the table: the AugReg file names are the ones timm's `vit_*.augreg_in21k(_ft_in1k)`
 configs load, big_vision's `VANITY_NAMES` ("howto-i21k-*") and the fine-tuned checkpoints that the

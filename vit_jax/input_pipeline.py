@@ -65,6 +65,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from vit_jax import progress
 from vit_jax.data import preprocess
 from vit_jax.data.defaults import DATA_DEFAULTS, PREPROCESSING_DEFAULTS
 from vit_jax.data.validation import validate_config, validate_dataset
@@ -146,7 +147,9 @@ def _open_builder(config) -> tfds.core.DatasetBuilder:
         ) from None
     if not builder.is_prepared():
         try:
-            builder.download_and_prepare()
+            # TFDS's bars (downloads, examples, shuffling) only where ours would show.
+            with progress.tfds_bars(progress.shows()):
+                builder.download_and_prepare()
         except Exception as e:  # Re-raised with what to do about it...
             builder = tfds.builder(name, data_dir=data_dir)
             if builder.is_prepared():  # ...unless another process prepared it meanwhile.

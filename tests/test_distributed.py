@@ -173,10 +173,12 @@ def test_mesh_and_batch_that_do_not_fit_the_devices_fail_before_anything_is_writ
 def test_resuming_on_another_process_count_says_whether_it_is_exact(
     order, expected, capsys, caplog
 ):
-    from vit_jax import trainer
+    from vit_jax import train_state
 
-    trainer._warn_on_topology_change({"process_count": 4, "order": order, "step": 10})
+    train_state.warn_on_topology_change({"process_count": 4, "order": order, "step": 10})
     assert expected in capsys.readouterr().out + caplog.text
     caplog.clear()
-    trainer._warn_on_topology_change({"process_count": 1, "order": order, "step": 10})  # same count
+    train_state.warn_on_topology_change(
+        {"process_count": 1, "order": order, "step": 10}
+    )  # same count
     assert capsys.readouterr().out == "" and caplog.text == ""

@@ -106,13 +106,13 @@ class _Mesh:
 
 
 def test_trainer_logs_what_was_sharded_and_warns_when_fsdp_shards_nothing(capsys):
-    from vit_jax import trainer
+    from vit_jax import train_state
 
     shapes = state_shapes()
     for min_size, expected in ((4096, "2 of 4 parameter arrays"), (10**9, "0 of 4 parameter")):
         specs = sharding_rules.tree_specs(shapes, MESH, min_size=min_size)
         placed = jax.tree.map(_Placed, specs, is_leaf=lambda x: isinstance(x, P))
-        trainer._log_sharding(shapes, placed, _Mesh())
+        train_state.log_sharding(shapes, placed, _Mesh())
         out = capsys.readouterr().out
         assert f"Sharding: {expected}" in out
         assert ("WARNING mesh.fsdp=4 but no parameter is sharded" in out) == (min_size == 10**9)

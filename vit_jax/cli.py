@@ -107,7 +107,9 @@ def quiet_logs(verbose: bool, *, tensorflow: bool = True) -> None:
     # JAX's persistent compilation cache failing to read/write (a full disk) is only slower.
     warnings.filterwarnings("ignore", message=r".*persistent compilation cache.*")
     # Orbax's background writes abandoned by a failed save (full disk): our FATAL line says it.
-    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning
+    )
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)

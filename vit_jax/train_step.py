@@ -8,7 +8,7 @@ the collectives (gradient all-reduce for 'data', all-gather / reduce-scatter for
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vit_jax import evaluation
 from vit_jax import sharding as sharding_lib
 from vit_jax.models import VisionTransformer
 
@@ -178,28 +179,28 @@ def train_step_fn(
 
 
 def make_eval_step(
-    model: VisionTransformer, mesh: Mesh, params_shardings: Any, loss: str = "softmax_xent"
+    model: VisionTransformer,
+    mesh: Mesh,
+    params_shardings: Any,
+    loss: str = "softmax_xent",
+    metrics: Iterable[str] = tuple(evaluation.METRICS),
 ) -> Callable[[dict, dict], dict]:
     """`eval_step(params, batch) -> sums`, jitted. Padded examples (mask 0) count for nothing.
 
     Returns sums, not means, so batches add up and the caller divides once by the number of real
-    examples: 'loss', 'top1', 'top5' (correct counts) and 'count'.
+    examples: 'loss', each of `metrics` (names in `evaluation.METRICS`) and 'count'.
     """
     per_example_loss = get_loss(loss)
+    chosen = evaluation.get_metrics(metrics)
 
     def eval_step(params, batch):
         logits = model.apply({"params": params}, batch["image"], train=False)
         mask = batch["mask"].astype(jnp.float32)
         labels = jnp.argmax(batch["label"], axis=-1)
-        top1 = jnp.argmax(logits, axis=-1) == labels
-        k = min(5, logits.shape[-1])
-        topk = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-        return {
-            "loss": jnp.sum(per_example_loss(logits, batch["label"]) * mask),
-            "top1": jnp.sum(top1 * mask),
-            "top5": jnp.sum(topk * mask),
-            "count": jnp.sum(mask),
-        }
+        sums = {"loss": jnp.sum(per_example_loss(logits, batch["label"]) * mask)}
+        for name, metric in chosen.items():
+            sums[name] = jnp.sum(metric.per_example(logits, labels) * mask)
+        return {**sums, "count": jnp.sum(mask)}
 
     return jax.jit(
         eval_step,

@@ -352,3 +352,63 @@ def test_every_randaugment_op_is_reachable_and_changes_the_image(index):
     by_index = randaugment.apply_op(tf.constant(index), low_contrast, level).numpy()
     np.testing.assert_array_equal(by_index, op(low_contrast, level))  # the switch picks this op
     assert (op is randaugment.identity) == np.array_equal(by_index, low_contrast.numpy())
+
+
+# --- Datasets: the TFDS builders in vit_jax/tfds_builders/ -------------------------------------
+
+
+def _digits(tmp_path, digits_data_dir):
+    return "digits", digits_data_dir
+
+
+def _image_folder(tmp_path, digits_data_dir):
+    from test_data_image_folder import make_folder
+
+    (tmp_path / "tfds").mkdir()
+    return make_folder(tmp_path / "folder"), str(tmp_path / "tfds")
+
+
+# How a test opens each builder we ship; a new builder needs a line here.
+BUILT_IN_DATASETS = {"digits": _digits, "vit_image_folder": _image_folder}
+
+
+def test_every_shipped_builder_has_a_way_to_open_it():
+    import tensorflow_datasets as tfds
+
+    from vit_jax import tfds_builders
+
+    shipped = {
+        cls.name
+        for module in (getattr(tfds_builders, m) for m in tfds_builders.__all__)
+        if inspect.ismodule(module)
+        for cls in vars(module).values()
+        if inspect.isclass(cls) and issubclass(cls, tfds.core.DatasetBuilder)
+    }
+    assert shipped == set(BUILT_IN_DATASETS)
+
+
+@pytest.mark.parametrize("name", list(BUILT_IN_DATASETS))
+def test_every_shipped_dataset_trains_and_evaluates_through_the_pipeline(
+    name, tmp_path, digits_data_dir
+):
+    from vit_jax import input_pipeline
+
+    dataset, data_dir = BUILT_IN_DATASETS[name](tmp_path, digits_data_dir)
+    config = input_pipeline.default_data_config()
+    config.update(dict(dataset=dataset, data_dir=data_dir, image_size=8, batch_size=4))
+    config.update(dict(eval_batch_size=4))
+    config.pp.update(dict(crop_area_range=None, flip=False))
+    data = input_pipeline.get_datasets(config, 0, 1)
+    assert data.builder.name == name and len(data.class_names) == data.num_classes >= 2
+    batch = next(data.train_iter())
+    assert (
+        batch["image"].shape == (4, 8, 8, 3)
+        and -1 <= batch["image"].min() < batch["image"].max() <= 1
+    )
+    np.testing.assert_array_equal(batch["label"].sum(-1), 1.0)  # one-hot over num_classes
+    assert batch["label"].shape == (4, data.num_classes)
+    masks = [b["mask"] for b in data.eval_iter()]
+    assert (
+        len(masks) == data.num_eval_batches
+        and sum(m.sum() for m in masks) == data.num_eval_examples
+    )

@@ -1,4 +1,4 @@
-"""Every entry of every choice table is wired end to end (see ARCHITECTURE.md, "Where a new X goes").
+"""Every entry of every choice table is wired end to end (see ARCHITECTURE.md, "Where does a new X go").
 
 A name added to a table must do what it says on a tiny input, checked against what it means, not
 only its shapes: poolings and position embeddings (model_config.POOLINGS, POSEMBS) build, train one

@@ -2,7 +2,10 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import jax
 
@@ -27,6 +30,47 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         **extra,
     }
+
+
+def run_with_devices(code: str, devices: int = 8, timeout: int = 300) -> str:
+    """Runs `code` in a fresh Python on `devices` simulated CPU devices (XLA reads the device
+    count only when JAX starts), importing this checkout; returns its stdout, or fails the test
+    with the end of its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=subprocess_env(
+            PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def tiny_config_source(eval_batch_size: int, total_steps: int, checkpoint_every: int) -> str:
+    """A config file for an 11k-parameter ViT on digits at 16 px (what `train.py --config` reads)."""
+    return f"""
+from configs import common
+
+def get_config(arg=None):
+    config = common.get_config()
+    config.model = common.model_config(
+        None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=(4, 4)
+    )
+    config.dataset = "digits"
+    config.image_size = 16
+    config.batch_size = 32
+    config.eval_batch_size = {eval_batch_size}
+    config.total_steps = {total_steps}
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = {checkpoint_every}
+    config.pp.crop_area_range = None
+    config.schedule.warmup_steps = 0
+    return config
+"""
 
 
 # A ViT small enough to compile in seconds on 2 CPU cores.

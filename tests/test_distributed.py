@@ -8,11 +8,11 @@ import pathlib
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import ml_collections
 import pytest
+from helpers import run_with_devices
 
 from vit_jax import distributed
 
@@ -148,21 +148,7 @@ def test_mesh_and_batch_that_do_not_fit_the_devices_fail_before_anything_is_writ
     workdir.mkdir()
     (workdir / "keep.txt").write_text("the user's")
     code = BAD_MESH_AND_BATCH.format(root=str(ROOT), workdir=str(workdir), data_dir=digits_data_dir)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    assert run_with_devices(code, devices=4).strip().endswith("OK")
     assert (workdir / "keep.txt").read_text() == "the user's"
 
 

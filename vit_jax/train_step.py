@@ -62,22 +62,14 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     state_shardings: Any,
-    *,
-    accum_steps: int = 1,
-    seed: int = 0,
-    loss: str = "softmax_xent",
+    **step_options: Any,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated.
 
-    See `train_step_fn` for what one step does.
+    See `train_step_fn` for what one step does and its `step_options` (accum_steps, seed, loss).
     """
-    step = train_step_fn(model, tx, mesh, accum_steps=accum_steps, seed=seed, loss=loss)
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step = train_step_fn(model, tx, mesh, **step_options)
+    return _jit_step(step, state_shardings, sharding_lib.batch_sharding(mesh), mesh)
 
 
 def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -90,10 +82,7 @@ def make_multi_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     state_shardings: Any,
-    *,
-    accum_steps: int = 1,
-    seed: int = 0,
-    loss: str = "softmax_xent",
+    **step_options: Any,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """`multi_step(state, batches) -> (state, metrics)`: K train steps in one dispatch (`lax.scan`).
 
@@ -101,15 +90,21 @@ def make_multi_step(
     comes back with that leading axis too. The result is that of K calls of `make_train_step`'s step,
     one per batch (the same rng per step, folded from the state's step), with one host→device
     dispatch instead of K: what a small model needs when the per-step host overhead dominates.
+    `step_options`: as for `make_train_step`.
     """
-    step = train_step_fn(model, tx, mesh, accum_steps=accum_steps, seed=seed, loss=loss)
+    step = train_step_fn(model, tx, mesh, **step_options)
 
     def multi_step(state, batches):
         return jax.lax.scan(step, state, batches)
 
+    return _jit_step(multi_step, state_shardings, stacked_batch_sharding(mesh), mesh)
+
+
+def _jit_step(step, state_shardings, batch_sharding, mesh: Mesh):
+    """Jitted with the state laid out as `state_shardings` (donated) and metrics replicated."""
     return jax.jit(
-        multi_step,
-        in_shardings=(state_shardings, stacked_batch_sharding(mesh)),
+        step,
+        in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
         donate_argnums=(0,),
     )

@@ -126,27 +126,12 @@ def train_and_evaluate(
         f"({config.accum_steps} micro-batches each)"
     )
 
-    step_fn = train_step.make_train_step(
-        model,
-        tx,
-        mesh,
-        shardings,
-        accum_steps=config.accum_steps,
-        seed=config.seed,
-        loss=config.loss,
-    )
+    step_options = dict(accum_steps=config.accum_steps, seed=config.seed, loss=config.loss)
+    step_fn = train_step.make_train_step(model, tx, mesh, shardings, **step_options)
     steps_per_dispatch = config.get("steps_per_dispatch", 1)
     multi_step_fn = None
     if steps_per_dispatch > 1:
-        multi_step_fn = train_step.make_multi_step(
-            model,
-            tx,
-            mesh,
-            shardings,
-            accum_steps=config.accum_steps,
-            seed=config.seed,
-            loss=config.loss,
-        )
+        multi_step_fn = train_step.make_multi_step(model, tx, mesh, shardings, **step_options)
     eval_fn = train_step.make_eval_step(model, mesh, shardings["params"], loss=config.loss)
     writer = metrics.MetricWriter(workdir)
     progress = metrics.Progress(total_steps, config.batch_size, start_step)

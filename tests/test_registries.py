@@ -3,7 +3,8 @@
 A name added to a table must do what it says on a tiny input, checked against what it means, not
 only its shapes: poolings and position embeddings (model_config.POOLINGS, POSEMBS) build, train one
 step and export or are refused by name; remat policies (REMAT_POLICIES) give the plain gradients;
-schedules (optim.SCHEDULES) warm up to the peak; eval metrics (evaluation.METRICS) match a numpy
+schedules (optim.SCHEDULES) warm up to the peak; losses (train_step.LOSSES) match their
+definition and are what the train step reports and lowers; eval metrics (evaluation.METRICS) match a numpy
 reference over the real examples only; every preprocessing field (data/defaults.py
 PREPROCESSING_DEFAULTS) has the effect it names, and every RandAugment op (randaugment.OPS) is
 reachable and changes an image. Optimizers have theirs in test_optim.py (every optimizer a recipe
@@ -412,3 +413,46 @@ def test_every_shipped_dataset_trains_and_evaluates_through_the_pipeline(
         len(masks) == data.num_eval_batches
         and sum(m.sum() for m in masks) == data.num_eval_examples
     )
+
+
+# --- Losses: train_step.LOSSES ------------------------------------------------------------------
+
+# Per-example losses written from their definitions (log-sum-exp; log(1 + e^-x) per class).
+REFERENCE_LOSSES = {
+    "softmax_xent": lambda z, t: -(t * (z - np.log(np.exp(z).sum(-1, keepdims=True)))).sum(-1),
+    "sigmoid_xent": lambda z, t: (t * np.log1p(np.exp(-z)) + (1 - t) * np.log1p(np.exp(z))).sum(-1),
+}
+
+
+def test_every_loss_has_a_reference():
+    assert set(REFERENCE_LOSSES) == set(train_step.LOSSES)
+
+
+@pytest.mark.parametrize("name", list(train_step.LOSSES))
+def test_every_loss_matches_its_definition_and_trains(name):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 10)).astype(np.float32)
+    soft = rng.dirichlet(np.ones(10), size=6).astype(np.float32)  # smoothed / mixed-up targets
+    np.testing.assert_allclose(
+        train_step.get_loss(name)(jnp.asarray(logits), jnp.asarray(soft)),
+        REFERENCE_LOSSES[name](logits.astype(np.float64), soft),
+        rtol=1e-5,
+    )
+    # Through the real jitted train step: one SGD step on a fixed batch lowers this loss.
+    model = vit_jax.create_model(None, **TINY, num_classes=10)
+    tx = optax.sgd(0.1)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+    shardings = train_state.state_shardings(train_state.state_shapes(model, tx), mesh, 2**30)
+    state = train_state.init_state(model, tx, shardings, jax.random.key(0))
+    step = train_step.make_train_step(model, tx, mesh, shardings, loss=name)
+    batch = {"image": np.asarray(IMAGES), "label": np.asarray(TARGETS)}
+    start_logits = np.asarray(model.apply({"params": state["params"]}, IMAGES), np.float64)
+    state, first = step(
+        state, batch
+    )  # the step reports the named loss of the params it starts from
+    expected = REFERENCE_LOSSES[name](start_logits, np.asarray(TARGETS)).mean()
+    np.testing.assert_allclose(float(first["loss"]), expected, rtol=1e-5)
+    _, second = step(state, batch)
+    assert float(second["loss"]) < float(first["loss"])
+    with pytest.raises(ValueError, match=r"config.loss='xent' is not supported; allowed: \["):
+        train_step.get_loss("xent")

@@ -15,8 +15,7 @@ import numbers
 import ml_collections
 
 from vit_jax import sharding as sharding_lib
-
-LOSSES = ("softmax_xent", "sigmoid_xent")
+from vit_jax.train_step import LOSSES
 
 
 def _int(value) -> bool:

@@ -1,14 +1,15 @@
-"""Every entry of every choice table is wired end to end (see ARCHITECTURE.md, "Where does a new X go").
+"""Every entry of every choice table is wired end to end (ARCHITECTURE.md: "Where does a new X go").
 
 A name added to a table must do what it says on a tiny input, checked against what it means, not
 only its shapes: poolings and position embeddings (model_config.POOLINGS, POSEMBS) build, train one
 step and export or are refused by name; remat policies (REMAT_POLICIES) give the plain gradients;
-schedules (optim.SCHEDULES) warm up to the peak; losses (train_step.LOSSES) match their
-definition and are what the train step reports and lowers; eval metrics (evaluation.METRICS) match a numpy
+schedules (optim.SCHEDULES) warm up to the peak; losses (train_step.LOSSES) match their definition
+and are what the train step reports and lowers; eval metrics (evaluation.METRICS) match a numpy
 reference over the real examples only; every preprocessing field (data/defaults.py
-PREPROCESSING_DEFAULTS) has the effect it names, and every RandAugment op (randaugment.OPS) is
-reachable and changes an image. Optimizers have theirs in test_optim.py (every optimizer a recipe
-names builds and trains), checkpoint formats in test_formats.py (every format round-trips).
+PREPROCESSING_DEFAULTS) has the effect it names; every RandAugment op (randaugment.OPS) is reachable
+and changes an image; every TFDS builder we ship trains and evaluates through the pipeline.
+Optimizers have theirs in test_optim.py (every optimizer a recipe names builds and trains),
+checkpoint formats in test_formats.py (every format round-trips).
 """
 
 import inspect

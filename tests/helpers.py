@@ -1,15 +1,18 @@
 """Helpers shared by the test modules (plain functions; fixtures live in conftest.py)."""
 
+import functools
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 
 import jax
+import numpy as np
 
-from vit_jax import models
+from vit_jax import models, transfer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -90,3 +93,32 @@ def random_params(model: models.VisionTransformer, seed: int = 0, scale: float =
         return jax.tree.unflatten(treedef, noisy)
 
     return init(jax.random.key(seed))
+
+
+@functools.cache
+def apply_fn(config):
+    """The jitted forward pass of the model `config` describes (one compile per config)."""
+    return jax.jit(models.VisionTransformer(config).apply)
+
+
+def logits_of(config, params, images) -> np.ndarray:
+    return np.asarray(apply_fn(config)({"params": params}, images))
+
+
+def assert_params_identical(a, b, skip=(), same_dtype=False) -> None:
+    """The same parameter names, and bit-identical values (but for the names in `skip`)."""
+    a, b = transfer.flatten(a), transfer.flatten(b)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if key in skip:
+            continue
+        if same_dtype:
+            assert a[key].dtype == b[key].dtype, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (for a coordinator a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,7 +13,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from helpers import FIXTURES, REPO
+from helpers import FIXTURES, REPO, assert_params_identical, logits_of
 from safetensors.numpy import load_file, save_file
 
 import vit_jax
@@ -28,28 +28,12 @@ def fixture(name, weights=""):
 
 
 @functools.cache
-def apply_fn(config):
-    return jax.jit(vit_jax.VisionTransformer(config).apply)
-
-
-def logits_of(config, params, images):
-    return np.asarray(apply_fn(config)({"params": params}, images))
-
-
-@functools.cache
 def vit_jax_token():
     return vit_jax.load_pretrained(fixture("vit_jax_token_prelogits", "params.npz"))
 
 
 def flat(tree):
     return transfer.flatten(tree)
-
-
-def assert_params_identical(a, b):
-    a, b = flat(a), flat(b)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,14 +5,13 @@ The multi-process runs themselves are in test_multiprocess.py; here everything i
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
 
 import ml_collections
 import pytest
-from helpers import run_with_devices
+from helpers import free_port, run_with_devices
 
 from vit_jax import distributed
 
@@ -80,12 +79,6 @@ def test_config_hash_sees_any_difference():
     c = ml_collections.ConfigDict({"seed": 0, "optim": {"learning_rate": 2e-3}})
     assert distributed.config_hash(a) == distributed.config_hash(b)  # order does not matter
     assert distributed.config_hash(a) != distributed.config_hash(c)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_coordinator_is_one_line_after_a_bounded_wait(tmp_path):

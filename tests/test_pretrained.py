@@ -11,12 +11,11 @@ import pathlib
 import shutil
 import threading
 
-import numpy as np
 import pytest
-from helpers import FIXTURES
+from helpers import FIXTURES, assert_params_identical
 
 import vit_jax
-from vit_jax import pretrained, transfer
+from vit_jax import pretrained
 
 FIXTURE = FIXTURES / "vit_jax_gap" / "params.npz"
 
@@ -46,13 +45,6 @@ def served(tmp_path, monkeypatch):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-
-
-def assert_params_identical(a, b):
-    a, b = transfer.flatten(a), transfer.flatten(b)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_named_checkpoint_is_downloaded_once_verified_and_cached(served, monkeypatch):

@@ -77,6 +77,9 @@ Devices:
                         (None, 'fsdp'). Optimizer state follows its parameter. The start-up log
                         says how many parameters / bytes ended up sharded (vit_jax/sharding_rules).
   prefetch_to_device    batches put on the devices ahead of the step (host→device overlap); 0 = off.
+  data_on_device        draw and augment train batches on the devices from the whole train split
+                        held there (small datasets without random crops / RandAugment; see
+                        vit_jax/data/on_device.py): the host no longer sets the pace.
   steps_per_dispatch    train steps per call into the devices (a lax.scan over K stacked batches;
                         same results as K single calls): cuts per-step host overhead, which
                         dominates for tiny models. Logs/evals/checkpoints still happen at their steps.
@@ -179,6 +182,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sharding_rules = ()
     config.prefetch_to_device = 2
     config.steps_per_dispatch = 1
+    config.data_on_device = False
 
     # Loop, evaluation, checkpoints, logs.
     config.log_every_steps = 50

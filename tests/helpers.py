@@ -1,6 +1,8 @@
 """Helpers shared by the test modules (plain functions; fixtures live in conftest.py)."""
 
+import contextlib
 import functools
+import io
 import os
 import pathlib
 import socket
@@ -8,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from unittest import mock
 
 import jax
 import numpy as np
@@ -122,3 +125,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Progress bars on a terminal: tqdm draws only where `stderr.isatty()`; these fake one.
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@contextlib.contextmanager
+def fake_terminal():
+    """stderr as a terminal for the block (enter it inside the test body: pytest resets
+    sys.stderr between a fixture's setup and the test)."""
+    stream = FakeTerminal()
+    with mock.patch.object(sys, "stderr", stream):
+        yield stream
+
+
+def final_lines(output: str) -> list[str]:
+    """What stays on screen: the last frame drawn on each line (bars redraw after '\\r')."""
+    return [line.split("\r")[-1].strip() for line in output.split("\n") if line.split("\r")[-1]]
+
+
+def assert_finished(lines: list[str], desc: str, total: int | str) -> None:
+    """The bar `desc` was left on screen complete: `total/total`, 100 %, no ETA left, no '?'."""
+    line = next((x for x in lines if x.startswith(f"{desc}:")), None)
+    assert line is not None, (desc, lines)
+    assert f"{total}/{total}" in line and "100%" in line, line
+    assert "?" not in line and "<00:00" in line, line

@@ -12,7 +12,8 @@ import shutil
 import threading
 
 import pytest
-from helpers import FIXTURES, assert_params_identical
+import tqdm
+from helpers import FIXTURES, assert_finished, assert_params_identical, fake_terminal, final_lines
 
 import vit_jax
 from vit_jax import pretrained
@@ -112,3 +113,55 @@ def test_list_pretrained_shows_models_inputs_and_urls():
         assert "top1" in row and row["num_classes"] in (1000, 21843)
         vit_jax.get_config(row["model"])  # every model name is a variant we can build
     assert all(r["model"] == "ViT-L/16" for r in vit_jax.list_pretrained("L/16"))
+
+
+# What a primary source states for exactly that file (see the comments beside TABLE); no other
+# entry may claim a figure.
+STATED_TOP1 = {
+    ("ViT-Ti/16", "augreg-i21k-ft-i1k-384-recommended"): 78.22,  # vision_transformer README
+    ("ViT-S/32", "augreg-i21k-ft-i1k-384-recommended"): 79.58,
+    ("ViT-S/16", "augreg-i21k-ft-i1k-384-recommended"): 83.73,
+    ("ViT-B/32", "augreg-i21k-ft-i1k-384-recommended"): 83.59,
+    ("ViT-B/16", "augreg-i21k-ft-i1k-384-recommended"): 85.49,
+    ("ViT-L/16", "augreg-i21k-ft-i1k-384-recommended"): 85.59,
+    ("ViT-S/16", "i1k-90ep"): 76.5,  # big_vision configs/vit_s16_i1k.py
+    ("ViT-S/16", "i1k-300ep"): 80.0,  # arXiv 2205.01580 abstract
+}
+
+
+def test_list_pretrained_carries_top1_only_where_a_source_states_it():
+    rows = {(r["model"], r["pretrained"]): r for r in vit_jax.list_pretrained()}
+    assert {k: r["top1"] for k, r in rows.items() if r["top1"] is not None} == STATED_TOP1
+    for row in rows.values():
+        if row["num_classes"] != 1000:  # an ImageNet-21k head has no ImageNet-1k top-1
+            assert row["top1"] is None, row
+    # The README's figure belongs to its fine-tuned file: lr 0.03 at 384, not timm's lr 0.01 one.
+    recommended = rows[("ViT-B/16", "augreg-i21k-ft-i1k-384-recommended")]
+    assert recommended["url"].endswith(
+        "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
+        "--imagenet2012-steps_20k-lr_0.03-res_384.npz"
+    )
+    assert recommended["image_size"] == 384 and "README" in recommended["source"]
+    assert rows[("ViT-B/16", "augreg-i21k-ft-i1k-384")]["top1"] is None
+
+
+def test_command_line_prints_the_table_with_top1(capsys):
+    assert pretrained.main(["B/16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "pretrained", "image_size", "num_classes", "top1", "data"]
+    rows = {
+        tuple(line.split()[:2]): line.split()[4] for line in lines[1:] if line.startswith("ViT")
+    }
+    assert rows[("ViT-B/16", "augreg-i21k-ft-i1k-384-recommended")] == "85.49"
+    assert rows[("ViT-B/16", "augreg-i21k-ft-i1k")] == "-"
+    assert len(rows) == len(vit_jax.list_pretrained("B/16"))
+    assert pretrained.main(["Z/16"]) == 1
+    assert capsys.readouterr().err.startswith("FATAL ValueError: no public checkpoints of 'Z/16'")
+
+
+def test_download_shows_a_bar_that_reaches_the_file_size(served):
+    entry, _ = served
+    with fake_terminal() as terminal:
+        pretrained.fetch(entry)
+    size = tqdm.tqdm.format_sizeof(FIXTURE.stat().st_size, divisor=1024)  # as the bar shows it
+    assert_finished(final_lines(terminal.getvalue()), "download ViT-Test/4 gap-fixture", size)

@@ -58,6 +58,9 @@ def run_guarded(main: Callable[[], int | None], verbose: bool | Callable[[], boo
         sys.stdout.flush()
         reason = str(e) or "interrupted (Ctrl-C) before training started; nothing was saved"
         print(f"FATAL {reason}", file=sys.stderr, flush=True)
+        if getattr(e, "abort_now", False):  # a second Ctrl-C: nothing may wait on exit
+            sys.stdout.flush()
+            os._exit(EXIT_SIGINT)
         return EXIT_SIGINT
     except Exception as e:  # noqa: BLE001  (every error ends in one line; --verbose shows more)
         if verbose() if callable(verbose) else verbose:
@@ -130,7 +133,9 @@ def quiet_logs(verbose: bool, *, tensorflow: bool = True) -> None:
         import tensorflow_datasets as tfds
     except ImportError:  # pragma: no cover - tfds is a requirement
         return
-    tfds.disable_progress_bar()  # our own bars (vit_jax.progress) describe the work instead
+    # TFDS's bars are switched on only around a preparation, and only on a terminal (see
+    # progress.tfds_bars); our own builders draw ours instead.
+    tfds.disable_progress_bar()
 
 
 def _quiet_excepthook(exc_type, value, tb):
@@ -174,7 +179,11 @@ def absl_flags_parser(argv: list[str]) -> list[str]:
     if wanted:
         flags.FLAGS.mark_as_parsed()
         full = wanted[0] == "--helpfull"
-        app.usage(shorthelp=not full, writeto_stdout=True)
+        if full or flags.FLAGS.main_module_help():
+            app.usage(shorthelp=not full, writeto_stdout=True)
+        else:  # run through a wrapper (train.py, a console script): absl would list no flags
+            sys.stdout.write(sys.modules["__main__"].__doc__ or f"USAGE: {argv[0]} [flags]\n")
+            sys.stdout.write("\nflags:\n" + _package_flags_help(flags.FLAGS) + "\n")
         if not full:
             print("\nTry --helpfull to get a list of all flags.")
         sys.exit(0)
@@ -183,6 +192,18 @@ def absl_flags_parser(argv: list[str]) -> list[str]:
     except flags.Error as e:
         print(f"FATAL {' '.join(str(e).split())} (--help lists the flags)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+def _package_flags_help(flag_values) -> str:
+    """--helpshort's flag list for the flags this package's modules define (and declare key)."""
+    # absl names a module by its import name (`vit_jax.main`), or by its path when it is __main__.
+    ours = (__package__ + ".", os.path.dirname(os.path.abspath(__file__)) + os.sep)
+    modules = [
+        m
+        for m in flag_values.flags_by_module_dict()
+        if str(m).startswith(ours) and m != __name__  # --verbose: each CLI declares it key
+    ]
+    return "\n".join(flag_values.module_help(m) for m in sorted(modules))
 
 
 def define_verbose_flag():
@@ -206,7 +227,7 @@ def absl_verbose() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# argparse command lines (vit_jax.predict, vit_jax.convert).
+# argparse command lines (vit_jax.predict, vit_jax.convert, vit_jax.pretrained).
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import sys
 import urllib.parse
 import urllib.request
@@ -37,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import checkpoints, cli, transfer
+from vit_jax import checkpoints, cli, progress, transfer
 from vit_jax.formats import REGISTRY, layout, timm
 from vit_jax.formats.source import Source
 from vit_jax.model_config import ViTConfig, parse_variant
@@ -86,7 +85,12 @@ def localize(path: str) -> str:
     partial = local + ".partial"
     if path.startswith(("http://", "https://")):
         with urllib.request.urlopen(path) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f)
+            progress.copy(
+                response,
+                f,
+                getattr(response, "length", None),
+                f"download {os.path.basename(local)}",
+            )
     elif _gfile().isdir(path):  # An HF folder: its files, not recursively.
         os.makedirs(partial, exist_ok=True)
         for name in _gfile().listdir(path):
@@ -389,11 +393,23 @@ def main(argv: list[str] | None = None) -> None:
     cli.quiet_logs(args.verbose, tensorflow=False)
 
     def run() -> int:
-        loaded = load_checkpoint(args.src, variant=args.variant, **overrides)
-        save_pretrained(
-            loaded.params, args.dst, format=args.to, model=loaded.config,
-            preprocessing=loaded.preprocessing,
-        )  # fmt: skip
+        # One bar over the stages (reading + translating, writing, checking what a reader needs);
+        # a download of a remote source has its own bar in bytes. Warnings print above the bar.
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with (
+            logging_redirect_tqdm(),
+            progress.bar(3, f"convert to {args.to}", unit="stage", leave=True) as stages,
+        ):
+            loaded = load_checkpoint(args.src, variant=args.variant, **overrides)
+            stages.update(1)
+            save_pretrained(
+                loaded.params, args.dst, format=args.to, model=loaded.config,
+                preprocessing=loaded.preprocessing,
+            )  # fmt: skip
+            stages.update(1)
+            needed = reload_overrides(loaded.params, loaded.config, args.to)
+            stages.update(1)
         config = loaded.config
         print(f"wrote {args.dst} ({args.to}) of a model with {config}")
         print(
@@ -401,7 +417,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         how = REGISTRY[args.to].how_to_load(args.dst, config).replace("\n", "\n  ")
         print("load it with:\n  " + how)
-        needed = reload_overrides(loaded.params, config, args.to)
         if needed:
             print(
                 f"a reader that ignores our metadata must be told: {set_flags(needed)} "

@@ -188,6 +188,10 @@ class Data:
             raise ValueError(f"start_step={start_step} is invalid: must be >= 0.")
         return self.train_dataset(start_step).as_numpy_iterator()
 
+    def in_memory_train(self) -> dict[str, tf.Tensor] | None:
+        """The whole train split, undecoded, indexed by example, when held in memory (else None)."""
+        return self._train_examples
+
     def eval_iter(self) -> Iterator[dict[str, np.ndarray]]:
         """One pass over this process's eval share: `num_eval_batches` padded, masked batches."""
         return self.eval_dataset().as_numpy_iterator()

@@ -8,16 +8,26 @@ google-research/vision_transformer (`gs://vit_models/...`: the ViT paper's and A
 and google-research/big_vision (`gs://big_vision/...`), read over https from
 `https://storage.googleapis.com/<bucket>/<path>` (`VIT_JAX_PRETRAINED_URL` replaces that base, e.g. a
 mirror). A file is downloaded once into `$VIT_JAX_CACHE/pretrained/<bucket>/<path>` (default
-`~/.cache/vit_jax`), under a temporary name until it is complete and verified: its size and sha256
-where the table knows them, and always the CRC of every array in the archive, so a truncated or
+`~/.cache/vit_jax`), under a temporary name until it is complete and verified, so a truncated or
 corrupt download is never used (a corrupt cached copy is fetched again). Offline, the error says
 which URL to fetch and where to put the file.
 
-Sources of the table: the AugReg file names are the ones timm's `vit_*_224.augreg_in21k(_ft_in1k)`
-configs load and big_vision's `VANITY_NAMES` ("howto-i21k-*"); big_vision's plain ViT-S/16 ImageNet-1k
-baselines ("Better plain ViT baselines", arXiv 2205.01580) and the original paper's ImageNet-21k
-checkpoints (`imagenet21k/ViT-*.npz`) are from the same buckets. Top-1 is given only where the
-paper states it for that exact checkpoint; None means: see the source.
+What "verified" means: the CRC-32 that the .npz (zip) archive stores for every array is checked, so a
+truncated or damaged file is refused. The table records no size or sha256 for these files (it was
+written without downloading them; the buckets publish no sha256), so a complete file that differs
+from Google's is not detected; an entry given `size=` / `sha256=` (a mirror's own table, the
+tests) is checked against those too.
+
+Sources of the table: the AugReg file names are the ones timm's `vit_*.augreg_in21k(_ft_in1k)`
+configs load, big_vision's `VANITY_NAMES` ("howto-i21k-*") and the fine-tuned checkpoints that the
+google-research/vision_transformer README recommends ("Available ViT models"); big_vision's plain
+ViT-S/16 ImageNet-1k baselines ("Better plain ViT baselines", arXiv 2205.01580) and the original
+paper's ImageNet-21k checkpoints (`imagenet21k/ViT-*.npz`) are from the same buckets.
+
+`top1` is the ImageNet-1k validation top-1 (%) that a primary source states for that exact file
+(each figure's source is named beside it); None where none does: ImageNet-21k checkpoints have no
+ImageNet-1k head, and the fine-tuned files timm picked (`augreg-i21k-ft-i1k*`) are other runs than
+the ones the README lists figures for.
 """
 
 from __future__ import annotations
@@ -25,11 +35,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
 import urllib.error
 import urllib.request
 import zipfile
 
+from vit_jax import progress
 from vit_jax.preprocessing import DEFAULT, Preprocessing
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com"
@@ -67,7 +77,7 @@ _AUGREG_FT = "imagenet2012-steps_20k"
 
 
 def _augreg(model: str, run: str, lr: str, res: int = 224) -> list[Pretrained]:
-    """The recommended AugReg run of a model: ImageNet-21k, and fine-tuned on ImageNet-1k."""
+    """The AugReg fine-tune timm loads as `vit_*.augreg_in21k_ft_in1k` (no published top-1)."""
     stem = f"vit_models/augreg/{model.replace('/', '_')}-i21k-300ep-lr_0.001-{run}"
     suffix = "" if res == 224 else f"-{res}"
     return [
@@ -87,8 +97,30 @@ def _augreg_i21k(model: str, run: str) -> Pretrained:
     )  # fmt: skip
 
 
+_README = (
+    "google-research/vision_transformer README, 'Available ViT models' (recommended AugReg "
+    "checkpoints, with their ImageNet accuracy)"
+)
+
+
+def _recommended(model: str, run: str, lr: str, top1: float) -> Pretrained:
+    """A fine-tuned checkpoint the vision_transformer README recommends, with the ImageNet accuracy
+    its table states for that file (fine-tuned at 384 from the `augreg-i21k` upstream run)."""
+    return Pretrained(
+        f"ViT-{model}", "augreg-i21k-ft-i1k-384-recommended",
+        f"vit_models/augreg/{model.replace('/', '_')}-i21k-300ep-lr_0.001-{run}"
+        f"--{_AUGREG_FT}-lr_{lr}-res_384.npz",
+        "ImageNet-21k, fine-tuned on ImageNet-1k at 384", 1000, 384, _README, top1=top1,
+    )  # fmt: skip
+
+
 _PAPER = "ViT paper (arXiv 2010.11929), vit_models/imagenet21k"
 _BASELINES = "big_vision 'Better plain ViT baselines' (arXiv 2205.01580)"
+_BASELINE_TOP1 = {
+    90: 76.5,  # big_vision configs/vit_s16_i1k.py docstring: 90 epochs "reach 76.5%"
+    150: None,  # no primary figure found for 150 epochs
+    300: 80.0,  # arXiv 2205.01580 abstract: "300 epochs of training reach 80%"
+}
 
 TABLE: list[Pretrained] = [
     *_augreg("Ti/16", "aug_none-wd_0.03-do_0.0-sd_0.0", "0.03"),
@@ -100,6 +132,13 @@ TABLE: list[Pretrained] = [
     *_augreg("B/8", "aug_medium1-wd_0.1-do_0.0-sd_0.0", "0.01"),
     *_augreg("L/16", "aug_medium1-wd_0.1-do_0.1-sd_0.1", "0.01"),
     *_augreg("L/16", "aug_medium1-wd_0.1-do_0.1-sd_0.1", "0.01", res=384),
+    # top1: the README table's "Imagenet accuracy" column for each fine-tuned file, verbatim.
+    _recommended("Ti/16", "aug_none-wd_0.03-do_0.0-sd_0.0", "0.03", 78.22),
+    _recommended("S/32", "aug_none-wd_0.1-do_0.0-sd_0.0", "0.01", 79.58),
+    _recommended("S/16", "aug_light1-wd_0.03-do_0.0-sd_0.0", "0.03", 83.73),
+    _recommended("B/32", "aug_light1-wd_0.1-do_0.0-sd_0.0", "0.01", 83.59),
+    _recommended("B/16", "aug_medium1-wd_0.1-do_0.0-sd_0.0", "0.03", 85.49),
+    _recommended("L/16", "aug_strong1-wd_0.1-do_0.0-sd_0.0", "0.01", 85.59),
     _augreg_i21k("Ti/16", "aug_none-wd_0.03-do_0.0-sd_0.0"),
     _augreg_i21k("S/32", "aug_none-wd_0.1-do_0.0-sd_0.0"),
     _augreg_i21k("S/16", "aug_light1-wd_0.03-do_0.0-sd_0.0"),
@@ -128,8 +167,9 @@ TABLE: list[Pretrained] = [
             1000,
             224,
             _BASELINES,
+            top1=top1,
         )  # fmt: skip
-        for epochs in (90, 150, 300)
+        for epochs, top1 in _BASELINE_TOP1.items()
     ],
 ]
 
@@ -216,7 +256,8 @@ def fetch(entry: Pretrained, base_url: str | None = None) -> str:
             urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
             open(partial, "wb") as f,
         ):
-            shutil.copyfileobj(response, f)
+            desc = f"download {entry.model} {entry.name}"
+            progress.copy(response, f, getattr(response, "length", None) or entry.size, desc)
     except (urllib.error.URLError, OSError) as e:
         if os.path.exists(partial):
             os.remove(partial)
@@ -238,3 +279,48 @@ def fetch(entry: Pretrained, base_url: str | None = None) -> str:
 def variant_of(entry: Pretrained) -> str | None:
     """The config fields the file does not say (heads of a fused layout): its model's variant."""
     return entry.variant if entry.variant is not None else entry.model
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `python -m vit_jax.pretrained [MODEL]` prints the table.
+
+_COLUMNS = ("model", "pretrained", "image_size", "num_classes", "top1", "data")
+
+
+def format_listing(entries: list[dict]) -> str:
+    """`list_pretrained()`'s entries as an aligned text table (top-1 in % as its source states it, "-" where none does)."""
+    cell = lambda e, c: "-" if e[c] is None else f"{e[c]:g}" if c == "top1" else str(e[c])  # noqa: E731
+    widths = {c: max([len(c), *(len(cell(e, c)) for e in entries)]) for c in _COLUMNS}
+    lines = ["  ".join(c.ljust(widths[c]) for c in _COLUMNS).rstrip()]
+    lines += ["  ".join(cell(e, c).ljust(widths[c]) for c in _COLUMNS).rstrip() for e in entries]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vit_jax import cli
+
+    parser = cli.ArgumentParser(
+        prog="python -m vit_jax.pretrained",
+        description="List the public checkpoints that load_pretrained(MODEL, pretrained=NAME) "
+        "fetches by name, with their ImageNet-1k top-1 (%) where a primary source states it.",
+    )
+    parser.add_argument("model", nargs="?", help="only this model, e.g. ViT-B/16 or B/16")
+    parser.add_argument("--urls", action="store_true", help="also print each file's URL")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        entries = list_pretrained(args.model)
+        if not entries:
+            models = sorted({e.model for e in TABLE})
+            raise ValueError(f"no public checkpoints of {args.model!r}; models with some: {models}")
+        print(format_listing(entries))
+        if args.urls:
+            print("\n".join(f"{e['model']} {e['pretrained']}: {e['url']}" for e in entries))
+        print("inputs: " + "; ".join(sorted({e["inputs"] for e in entries})))
+        return 0
+
+    return cli.run_guarded(run, args.verbose)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -25,6 +25,8 @@ EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}
 class Aborted(KeyboardInterrupt):
     """A second Ctrl-C: stop now, without finishing the step or saving."""
 
+    abort_now = True  # vit_jax.cli exits at once: an interrupted save's threads may never end
+
 
 class StopSignals:
     """Context manager: `.received` is 'SIGTERM' / 'SIGINT' once one arrived, else None."""
@@ -47,9 +49,7 @@ class StopSignals:
         del frame
         name = signal.Signals(signum).name
         if self.received == "SIGINT" and name == "SIGINT":
-            raise Aborted(
-                "second Ctrl-C: aborted without saving; the newest committed checkpoint is kept"
-            )
+            self._abort(signum, None)
         if self.received is None:
             self.received = name
             if name == "SIGINT":
@@ -77,5 +77,15 @@ class StopSignals:
 
     def __exit__(self, *exc):
         for signum, previous in self._previous.items():
+            # After a Ctrl-C stop, the save and clean-up still run: another Ctrl-C aborts them.
+            if signum == signal.SIGINT and self.received == "SIGINT":
+                previous = self._abort
             signal.signal(signum, previous)
         self._previous = {}
+
+    @staticmethod
+    def _abort(signum, frame):
+        del signum, frame
+        raise Aborted(
+            "second Ctrl-C: aborted without saving; the newest committed checkpoint is kept"
+        )

@@ -94,6 +94,11 @@ def train_and_evaluate(
         config, data.num_classes, num_channels=data.image_shape[-1]
     )
     model = models.VisionTransformer(model_config)
+    device_data = None
+    if config.get("data_on_device"):  # checked (and placed) before anything is claimed
+        from vit_jax.data import on_device
+
+        device_data = on_device.from_data(data, config, mesh)
     config_json = config.to_json_best_effort(indent=2, sort_keys=True)
     owner.check_config(config_json, total_steps, data.num_train_examples)
 
@@ -142,7 +147,7 @@ def train_and_evaluate(
         "batch_size": config.batch_size,
         "seed": config.seed,
         # "global": the same batches on any topology (data objects without it: unknown)
-        "order": getattr(data, "order", None),
+        "order": "global" if device_data else getattr(data, "order", None),
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
     }
@@ -171,11 +176,14 @@ def train_and_evaluate(
     # K steps per dispatch between the steps where the loop looks at the state (vit_jax.dispatch).
     boundaries = (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
     sizes = dispatch.plan(start_step, total_steps, steps_per_dispatch, boundaries)
-    batches = dispatch.to_devices(
-        dispatch.grouped(data.train_iter(start_step=start_step), sizes),
-        mesh,
-        config.prefetch_to_device,
-    )
+    if device_data is not None:
+        batches = device_data.batches(start_step, sizes)
+    else:
+        batches = dispatch.to_devices(
+            dispatch.grouped(data.train_iter(start_step=start_step), sizes),
+            mesh,
+            config.prefetch_to_device,
+        )
     try:
         with (
             stops.StopSignals() as stop,

@@ -12,6 +12,7 @@ import os
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import progress
 from vit_jax.tfds_builders import image_folder_builder  # Also registers the `digits` builder.
 
 
@@ -48,7 +49,9 @@ def open_builder(config) -> tfds.core.DatasetBuilder:
         ) from None
     if not builder.is_prepared():
         try:
-            builder.download_and_prepare()
+            # TFDS's bars (downloads, examples, shuffling) only where ours would show.
+            with progress.tfds_bars(progress.shows()):
+                builder.download_and_prepare()
         except Exception as e:  # Re-raised with what to do about it...
             builder = tfds.builder(name, data_dir=data_dir)
             if builder.is_prepared():  # ...unless another process prepared it meanwhile.

@@ -18,6 +18,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from vit_jax import progress
+from vit_jax.tfds_builders.own_progress import OwnProgress
+
 NUM_CLASSES = 10
 TEST_PER_CLASS = 36
 _SPLIT_SEED = 0
@@ -41,7 +44,7 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": train, "test": test}
 
 
-class Digits(tfds.core.GeneratorBasedBuilder):
+class Digits(OwnProgress, tfds.core.GeneratorBasedBuilder):
     """The 8x8 handwritten digits of UCI optdigits, as bundled with scikit-learn."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -70,14 +73,16 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         images = to_uint8(digits.images)[..., None]
         labels = digits.target.astype(np.int64)
         return {
-            split: self._generate_examples(images, labels, rows)
+            split: self._generate_examples(images, labels, rows, split)
             for split, rows in split_indices(labels).items()
         }
 
-    def _generate_examples(self, images, labels, rows):
-        for row in rows:
-            example = {"image": _png(images[row]), "label": labels[row], "index": int(row)}
-            yield int(row), example
+    def _generate_examples(self, images, labels, rows, split):
+        with progress.bar(len(rows), f"digits {split}", unit="image", leave=True) as bar:
+            for row in rows:
+                example = {"image": _png(images[row]), "label": labels[row], "index": int(row)}
+                yield int(row), example
+                bar.update(1)
 
 
 def _png(image: np.ndarray) -> bytes:

@@ -25,6 +25,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from vit_jax import progress
+from vit_jax.tfds_builders.own_progress import OwnProgress
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _MAX_FILES_NAMED = 10
 
@@ -121,11 +124,16 @@ def find_undecodable(paths: list[str]) -> list[str]:
 
     ds = tf.data.Dataset.from_tensor_slices(paths)
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-    decoded = {p.decode() for p, _ in ds.ignore_errors().as_numpy_iterator()}
+    decoded = set()
+    with progress.bar(len(paths), "checking images", unit="image", leave=True) as bar:
+        for path, _ in ds.ignore_errors().as_numpy_iterator():
+            decoded.add(path.decode())
+            bar.update(1)
+        bar.update(len(paths) - bar.n)  # the undecodable ones were checked too
     return [p for p in paths if p not in decoded]
 
 
-class VitImageFolder(tfds.core.GeneratorBasedBuilder):
+class VitImageFolder(OwnProgress, tfds.core.GeneratorBasedBuilder):
     """An image folder prepared into TFRecords; build it with `image_folder_builder`."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -172,14 +180,17 @@ class VitImageFolder(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["skipped_files"] = [os.path.relpath(p, root) for p in bad]
         skip = set(self.info.metadata["skipped_files"])
         return {
-            split: self._generate_examples([(rel, y) for rel, y in files if rel not in skip])
+            split: self._generate_examples([(rel, y) for rel, y in files if rel not in skip], split)
             for split, files in self._listing.files.items()
         }
 
-    def _generate_examples(self, files):
-        for relpath, label in files:
-            path = os.path.join(self._listing.root, relpath)
-            yield relpath, {"image": path, "label": label, "file_name": relpath}
+    def _generate_examples(self, files, split):
+        # TFDS reads each file's bytes as it takes the example: the bar counts files copied.
+        with progress.bar(len(files), f"image folder {split}", unit="image", leave=True) as bar:
+            for relpath, label in files:
+                path = os.path.join(self._listing.root, relpath)
+                yield relpath, {"image": path, "label": label, "file_name": relpath}
+                bar.update(1)
 
 
 def image_folder_builder(

@@ -17,7 +17,7 @@ from helpers import FIXTURES, REPO, assert_params_identical, logits_of
 from safetensors.numpy import load_file, save_file
 
 import vit_jax
-from vit_jax import convert, transfer
+from vit_jax import convert, convert_cli, transfer
 from vit_jax.formats import timm
 
 POSEMB = transfer.POSEMB_KEY
@@ -382,8 +382,8 @@ def test_command_line_hints_are_valid_shell(tmp_path, capsys):
     _, params = vit_jax.load_pretrained(fixture("vit_jax_gap", "params.npz"))
     config = vit_jax.load_pretrained(fixture("vit_jax_gap", "params.npz"))[0].config
     expected = convert.reload_overrides(params, config, "timm")
-    assert {k: convert._parse_value(v) for k, v in settings.items()} == expected
+    assert {k: convert_cli.parse_value(v) for k, v in settings.items()} == expected
     # A tuple value survives the shell: the hint that failed when pasted.
     wide = {"image_size": [32, 32], "pool": "gap"}
     words = shlex.split(convert.set_flags(wide))
-    assert [convert._parse_value(w.split("=", 1)[1]) for w in words[1::2]] == [(32, 32), "gap"]
+    assert [convert_cli.parse_value(w.split("=", 1)[1]) for w in words[1::2]] == [(32, 32), "gap"]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, TINY
+from helpers import REPO, TINY, subprocess_env
 
 from vit_jax import benchmark, models
 
@@ -96,3 +96,37 @@ def test_gpu_script_runs_a_tiny_plan_on_cpu_and_records_every_run(tmp_path):
     report = json.loads(out.read_text())
     assert len(report["runs"]) == 2 and all("report" in r or "error" in r for r in report["runs"])
     assert report["runs"][0]["report"]["results"][0]["library"] == "vit_jax"
+
+
+@pytest.mark.slow  # a short real training run and a bare loop of its step
+def test_trainer_mode_times_the_trainer_against_its_own_bare_step(
+    tiny_config_path, digits_data_dir, tmp_path
+):
+    out = tmp_path / "t.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "vit_jax.benchmark", "--trainer",
+         f"--trainer_config={tiny_config_path}", f"--trainer_data_dir={digits_data_dir}",
+         "--trainer_steps=20", f"--json_out={out}"],
+        capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)  # stdout is the JSON alone; progress went to stderr
+    assert report == json.loads(out.read_text())
+    trainer, bare = report["trainer"], report["bare_step"]
+    assert report["steps"] == 20 and len(trainer["interval_images_per_s"]) == 10
+    assert trainer["images_per_s"] > 0 and bare["images_per_s"] > 0
+    assert report["trainer_over_bare"] == pytest.approx(
+        trainer["images_per_s"] / bare["images_per_s"]
+    )
+    assert "% of the bare loop" in result.stderr
+
+
+def test_trainer_mode_refuses_too_few_steps():
+    result = subprocess.run(
+        [sys.executable, "-m", "vit_jax.benchmark", "--trainer", "--trainer_steps=5"],
+        capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "FATAL ValueError: --trainer_steps=5 is invalid: must be >= 20"
+    )

@@ -67,6 +67,27 @@ def test_overrides_reach_the_run_and_rerunning_resumes(tiny_config_file, digits_
     assert again.stdout.strip().splitlines()[-1] == lines[-1]
 
 
+@pytest.mark.slow  # two train.py processes
+def test_a_second_run_of_the_same_command_reuses_the_compilation_cache(
+    tiny_config_file, digits_data_dir, tmp_path
+):
+    cache = tmp_path / "cache"
+    args = [
+        f"--config={tiny_config_file}",
+        "--config.total_steps=2",
+        f"--config.data_dir={digits_data_dir}",
+        f"--compilation_cache_dir={cache}",
+    ]
+    first = run_train(*args, f"--workdir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    stored = sorted(p.name for p in cache.iterdir())
+    assert len(stored) >= 3  # at least init, the train step and the eval step
+    second = run_train(*args, f"--workdir={tmp_path / 'b'}")  # a fresh run: compiles it all again
+    assert second.returncode == 0, second.stderr[-3000:]
+    # Every program the second run needed was found in the cache: nothing new was stored.
+    assert sorted(p.name for p in cache.iterdir()) == stored
+
+
 def test_unknown_or_malformed_override_is_one_clear_line(tiny_config_file, tmp_path):
     result = run_train(
         f"--config={tiny_config_file}", f"--workdir={tmp_path}", "--config.totl_steps=3"

@@ -14,10 +14,17 @@ FLOPs per image come from XLA's cost analysis and are cross-checked against the 
 peak from `--peak_tflops` or, on a known GPU, its bf16 dense peak.
 In a comparison our model uses the exact (erf) GELU as timm and HF do, so both sides compute the
 same function; the JSON records it. Prints a table and one JSON document (`--json_out` to a file).
+
+  python -m vit_jax.benchmark --trainer                 # the digits main job vs its bare step
+
+`--trainer` times the real trainer (input pipeline, dispatch, logging) on a recipe against a bare
+jitted loop of the same step on one device-resident batch (`vit_jax.bench.trainer_side`): the
+ratio is what everything around the step costs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import statistics
@@ -67,6 +74,7 @@ def _row(library, config, mode, batch_size, runner, step_seconds, peak_tflops) -
         "step_s": step_seconds,
         "images_per_s": batch_size / median,
         "compile_s": runner.compile_s,
+        "compile_only_s": getattr(runner, "compile_only_s", None),
         "peak_memory_mb": runner.peak_bytes / 2**20 if runner.peak_bytes else None,
     }
     analytic = (
@@ -216,6 +224,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 _IMAGE = flags.DEFINE_integer("image_size", 224, "Square image side.")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Compute dtype: float32 | bfloat16 (f32 params).")
 _ATTENTION = flags.DEFINE_string("attention_impl", "auto", "auto | einsum | xla | cudnn.")
+_SCAN = flags.DEFINE_bool("scan", False, "nn.scan over the layers (compiles one layer, not L).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
 _OPTIMIZER = flags.DEFINE_enum("optimizer", "sgd", jax_side.OPTIMIZERS, "Train-step optimizer.")
 _COMPARE = flags.DEFINE_list(
@@ -225,6 +234,19 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per side; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the JSON report to this file.")
+_TRAINER = flags.DEFINE_bool(
+    "trainer",
+    False,
+    "Instead: time the real trainer (train_and_evaluate) on --trainer_config against a bare "
+    "jitted loop of its own step; prints both images/s and their ratio.",
+)
+_TRAINER_CONFIG = flags.DEFINE_string(
+    "trainer_config", "digits", "--trainer: a recipe name in configs/ or a config file."
+)
+_TRAINER_STEPS = flags.DEFINE_integer("trainer_steps", 440, "--trainer: steps of each side.")
+_TRAINER_DATA_DIR = flags.DEFINE_string(
+    "trainer_data_dir", None, "--trainer: config.data_dir (the TFDS data directory)."
+)
 cli.define_verbose_flag()
 flags.declare_key_flag("verbose")
 
@@ -249,13 +271,73 @@ def _check_flags() -> None:
         raise ValueError(f"--peak_tflops={_PEAK.value} is invalid: must be > 0")
 
 
+def load_recipe(name_or_path: str):
+    """A config from a recipe name (`digits`) or a config file path (`configs/digits.py[:arg]`)."""
+    import importlib.util
+    import pathlib
+
+    from vit_jax import main as train_main
+
+    path, _, arg = train_main._recipe_path(name_or_path).partition(":")
+    if not pathlib.Path(path).is_file():
+        raise ValueError(f"--trainer_config={name_or_path!r}: no such recipe or config file")
+    spec = importlib.util.spec_from_file_location("benchmarked_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def format_trainer_table(report: dict[str, Any]) -> str:
+    bare, ours = report["bare_step"]["images_per_s"], report["trainer"]["images_per_s"]
+    return "\n".join(
+        [
+            f"bare jitted step loop   {bare:>9.1f} img/s",
+            f"train_and_evaluate      {ours:>9.1f} img/s  ({100 * ours / bare:.0f}% of the bare loop; "
+            f"{report['trainer']['wall_s']:.0f} s wall for {report['steps']} steps incl. compile)",
+        ]
+    )
+
+
+def _run_trainer() -> int:
+    import tempfile
+
+    from vit_jax.bench import trainer_side
+
+    if _TRAINER_STEPS.value < 2 * trainer_side.INTERVALS:
+        raise ValueError(
+            f"--trainer_steps={_TRAINER_STEPS.value} is invalid: must be >= "
+            f"{2 * trainer_side.INTERVALS}"
+        )
+    config = load_recipe(_TRAINER_CONFIG.value)
+    if _TRAINER_DATA_DIR.value:
+        config.data_dir = _TRAINER_DATA_DIR.value
+    # The trainer's progress lines go to stderr: stdout carries only the JSON document.
+    with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(sys.stderr):
+        report = trainer_side.measure(config, _TRAINER_STEPS.value, workdir)
+    report["config"] = _TRAINER_CONFIG.value
+    print(format_trainer_table(report), file=sys.stderr)
+    _emit(report)
+    return 0
+
+
+def _emit(report: dict[str, Any]) -> None:
+    text = json.dumps(report, indent=2)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            f.write(text + "\n")
+    print(text, flush=True)
+
+
 def _run() -> int:
+    if _TRAINER.value:
+        return _run_trainer()
     _check_flags()
     overrides = dict(
         image_size=_IMAGE.value,
         dtype=_DTYPE.value,
         attention_impl=_ATTENTION.value,
         num_classes=_NUM_CLASSES.value,
+        scan=_SCAN.value,
     )
     if _COMPARE.value:
         overrides["gelu_approximate"] = False  # the same function as timm / HF
@@ -272,11 +354,7 @@ def _run() -> int:
     )
     report["variant"] = _VARIANT.value
     print(format_table(report), file=sys.stderr)
-    text = json.dumps(report, indent=2)
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            f.write(text + "\n")
-    print(text, flush=True)
+    _emit(report)
     return 0
 
 

@@ -249,3 +249,29 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def wants_verbose(argv) -> bool:
     return "--verbose" in (sys.argv[1:] if argv is None else argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation cache.
+
+
+def default_compilation_cache_dir() -> str:
+    root = os.environ.get("VIT_JAX_CACHE", os.path.expanduser("~/.cache/vit_jax"))
+    return os.path.join(root, "jax_compilation")
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache, so a rerun skips compiling (minutes for big
+    models). `directory`: None means $JAX_COMPILATION_CACHE_DIR if set, else the default under
+    $VIT_JAX_CACHE (~/.cache/vit_jax); '' turns it off. Returns the directory in use (or None).
+    Programs that compile in under a second are not stored (JAX's
+    jax_persistent_cache_min_compile_time_secs)."""
+    import jax
+
+    if directory is None:
+        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_compilation_cache_dir()
+    if not directory:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory

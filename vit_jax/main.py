@@ -69,6 +69,12 @@ _RESTART = flags.DEFINE_bool(
     False,
     "Start over in a workdir that holds another run (it is moved to <workdir>/previous-<n>/).",
 )
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir",
+    None,
+    "JAX's persistent compilation cache (a rerun skips compiling): default "
+    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/vit_jax/jax_compilation ($VIT_JAX_CACHE); '' = off.",
+)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run",
     False,
@@ -174,6 +180,8 @@ def _train() -> int:
     # Progress goes to stdout; the libraries' own logs only with --verbose / --verbosity=0.
     cli.quiet_logs(cli.absl_verbose())
     from vit_jax import distributed  # before any other JAX call
+
+    cli.enable_compilation_cache(_COMPILATION_CACHE.value)
 
     distributed.initialize(
         _COORDINATOR.value,

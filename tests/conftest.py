@@ -16,32 +16,13 @@ def digits_data_dir(tmp_path_factory) -> str:
     return data_dir
 
 
-TINY_TRAIN_CONFIG = """
-from configs import common
-
-def get_config(arg=None):
-    config = common.get_config()
-    config.model = common.model_config(
-        None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=(4, 4)
-    )
-    config.dataset = "digits"
-    config.image_size = 16
-    config.batch_size = 32
-    config.eval_batch_size = 360
-    config.total_steps = 3
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 2
-    config.pp.crop_area_range = None
-    config.schedule.warmup_steps = 0
-    return config
-"""
-
-
 @pytest.fixture(scope="session")
 def tiny_config_path(tmp_path_factory) -> str:
     """A config file for a 11k-parameter ViT on digits (3 steps, checkpoints at 2 and 3)."""
+    from helpers import tiny_config_source
+
     path = tmp_path_factory.mktemp("config") / "tiny_train.py"
-    path.write_text(TINY_TRAIN_CONFIG)
+    path.write_text(tiny_config_source(eval_batch_size=360, total_steps=3, checkpoint_every=2))
     return str(path)
 
 

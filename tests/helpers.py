@@ -1,16 +1,21 @@
 """Helpers shared by the test modules (plain functions; fixtures live in conftest.py)."""
 
 import contextlib
+import functools
 import io
 import os
 import pathlib
+import socket
+import subprocess
 import sys
 import tempfile
+import textwrap
 from unittest import mock
 
 import jax
+import numpy as np
 
-from vit_jax import models
+from vit_jax import models, transfer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,6 +38,47 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     }
 
 
+def run_with_devices(code: str, devices: int = 8, timeout: int = 300) -> str:
+    """Runs `code` in a fresh Python on `devices` simulated CPU devices (XLA reads the device
+    count only when JAX starts), importing this checkout; returns its stdout, or fails the test
+    with the end of its stderr."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        env=subprocess_env(
+            PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def tiny_config_source(eval_batch_size: int, total_steps: int, checkpoint_every: int) -> str:
+    """A config file for an 11k-parameter ViT on digits at 16 px (what `train.py --config` reads)."""
+    return f"""
+from configs import common
+
+def get_config(arg=None):
+    config = common.get_config()
+    config.model = common.model_config(
+        None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=(4, 4)
+    )
+    config.dataset = "digits"
+    config.image_size = 16
+    config.batch_size = 32
+    config.eval_batch_size = {eval_batch_size}
+    config.total_steps = {total_steps}
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = {checkpoint_every}
+    config.pp.crop_area_range = None
+    config.schedule.warmup_steps = 0
+    return config
+"""
+
+
 # A ViT small enough to compile in seconds on 2 CPU cores.
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=4, image_size=16)
 
@@ -50,6 +96,35 @@ def random_params(model: models.VisionTransformer, seed: int = 0, scale: float =
         return jax.tree.unflatten(treedef, noisy)
 
     return init(jax.random.key(seed))
+
+
+@functools.cache
+def apply_fn(config):
+    """The jitted forward pass of the model `config` describes (one compile per config)."""
+    return jax.jit(models.VisionTransformer(config).apply)
+
+
+def logits_of(config, params, images) -> np.ndarray:
+    return np.asarray(apply_fn(config)({"params": params}, images))
+
+
+def assert_params_identical(a, b, skip=(), same_dtype=False) -> None:
+    """The same parameter names, and bit-identical values (but for the names in `skip`)."""
+    a, b = transfer.flatten(a), transfer.flatten(b)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if key in skip:
+            continue
+        if same_dtype:
+            assert a[key].dtype == b[key].dtype, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (for a coordinator a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # Progress bars on a terminal: tqdm draws only where `stderr.isatty()`; these fake one.

@@ -13,11 +13,11 @@ import threading
 import jax
 import numpy as np
 import pytest
-from helpers import FIXTURES, REPO
+from helpers import FIXTURES, REPO, assert_params_identical, logits_of
 from safetensors.numpy import load_file, save_file
 
 import vit_jax
-from vit_jax import convert, transfer
+from vit_jax import convert, convert_cli, transfer
 from vit_jax.formats import timm
 
 POSEMB = transfer.POSEMB_KEY
@@ -28,28 +28,12 @@ def fixture(name, weights=""):
 
 
 @functools.cache
-def apply_fn(config):
-    return jax.jit(vit_jax.VisionTransformer(config).apply)
-
-
-def logits_of(config, params, images):
-    return np.asarray(apply_fn(config)({"params": params}, images))
-
-
-@functools.cache
 def vit_jax_token():
     return vit_jax.load_pretrained(fixture("vit_jax_token_prelogits", "params.npz"))
 
 
 def flat(tree):
     return transfer.flatten(tree)
-
-
-def assert_params_identical(a, b):
-    a, b = flat(a), flat(b)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,8 +382,8 @@ def test_command_line_hints_are_valid_shell(tmp_path, capsys):
     _, params = vit_jax.load_pretrained(fixture("vit_jax_gap", "params.npz"))
     config = vit_jax.load_pretrained(fixture("vit_jax_gap", "params.npz"))[0].config
     expected = convert.reload_overrides(params, config, "timm")
-    assert {k: convert._parse_value(v) for k, v in settings.items()} == expected
+    assert {k: convert_cli.parse_value(v) for k, v in settings.items()} == expected
     # A tuple value survives the shell: the hint that failed when pasted.
     wide = {"image_size": [32, 32], "pool": "gap"}
     words = shlex.split(convert.set_flags(wide))
-    assert [convert._parse_value(w.split("=", 1)[1]) for w in words[1::2]] == [(32, 32), "gap"]
+    assert [convert_cli.parse_value(w.split("=", 1)[1]) for w in words[1::2]] == [(32, 32), "gap"]

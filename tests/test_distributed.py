@@ -5,14 +5,13 @@ The multi-process runs themselves are in test_multiprocess.py; here everything i
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import ml_collections
 import pytest
+from helpers import free_port, run_with_devices
 
 from vit_jax import distributed
 
@@ -82,12 +81,6 @@ def test_config_hash_sees_any_difference():
     assert distributed.config_hash(a) != distributed.config_hash(c)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_coordinator_is_one_line_after_a_bounded_wait(tmp_path):
     workdir = tmp_path / "w"
     args = [
@@ -148,21 +141,7 @@ def test_mesh_and_batch_that_do_not_fit_the_devices_fail_before_anything_is_writ
     workdir.mkdir()
     (workdir / "keep.txt").write_text("the user's")
     code = BAD_MESH_AND_BATCH.format(root=str(ROOT), workdir=str(workdir), data_dir=digits_data_dir)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-3000:]
+    assert run_with_devices(code, devices=4).strip().endswith("OK")
     assert (workdir / "keep.txt").read_text() == "the user's"
 
 
@@ -173,10 +152,12 @@ def test_mesh_and_batch_that_do_not_fit_the_devices_fail_before_anything_is_writ
 def test_resuming_on_another_process_count_says_whether_it_is_exact(
     order, expected, capsys, caplog
 ):
-    from vit_jax import trainer
+    from vit_jax import train_state
 
-    trainer._warn_on_topology_change({"process_count": 4, "order": order, "step": 10})
+    train_state.warn_on_topology_change({"process_count": 4, "order": order, "step": 10})
     assert expected in capsys.readouterr().out + caplog.text
     caplog.clear()
-    trainer._warn_on_topology_change({"process_count": 1, "order": order, "step": 10})  # same count
+    train_state.warn_on_topology_change(
+        {"process_count": 1, "order": order, "step": 10}
+    )  # same count
     assert capsys.readouterr().out == "" and caplog.text == ""

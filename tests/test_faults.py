@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoints, metrics, trainer, workdir
+from vit_jax import checkpoints, loss_watch, metrics, workdir
 from vit_jax.model_config import ViTConfig
 from vit_jax.tfds_builders import image_folder
 
@@ -254,9 +254,9 @@ def test_interrupted_save_leftovers_are_removed_and_keep_never_drops_the_newest(
 
 
 def test_nan_message_names_the_newest_checkpoint_not_a_last_good_one(tmp_path):
-    watch = trainer._LossWatch(tmp_path, latest_saved=4)
+    watch = loss_watch.LossWatch(tmp_path, latest_saved=4)
     watch.add(5, jnp.asarray(float("nan")))
-    with pytest.raises(trainer.NonFiniteLossError) as e:
+    with pytest.raises(loss_watch.NonFiniteLossError) as e:
         watch.check()
     assert "the newest checkpoint is step 4" in str(e.value) and "last good" not in str(e.value)
 

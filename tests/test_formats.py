@@ -12,6 +12,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import assert_params_identical
 from safetensors.numpy import load_file, save_file
 
 import vit_jax
@@ -57,13 +58,6 @@ def random_params(config, seed=0):
 def model(name):
     config = vit_jax.get_config(**{**SMALL, "num_classes": 5, **MODELS[name]})
     return config, random_params(config)
-
-
-def assert_params_identical(a, b):
-    a, b = transfer.flatten(a), transfer.flatten(b)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_every_registered_format_has_the_interface():

@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from vit_jax import input_pipeline
+from vit_jax.data import sources
 
 
 def make_config(data_dir, **fields):
@@ -273,7 +274,7 @@ def no_data_access(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the dataset was opened before the config was validated")
 
-    monkeypatch.setattr(input_pipeline, "_open_builder", fail)
+    monkeypatch.setattr(sources, "open_builder", fail)
 
 
 @pytest.mark.parametrize(

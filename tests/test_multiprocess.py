@@ -14,13 +14,13 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from helpers import free_port
 
 from vit_jax import checkpoints
 
@@ -47,12 +47,6 @@ TINY = [
 ]
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +128,19 @@ class Run:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+    def fatal_lines(self) -> list[str]:
+        """Waits for every process; each must fail with exactly one FATAL line: those lines."""
+        try:
+            codes = self.wait()
+        finally:
+            self.kill()
+        lines = []
+        for i, code in enumerate(codes):
+            fatal = [line for line in self.output(i).splitlines() if line.startswith("FATAL")]
+            assert code != 0 and len(fatal) == 1, f"process {i} exit {code}:\n{self.output(i)}"
+            lines.append(fatal[0])
+        return lines
 
     def check(self, expected_status: int = 0) -> None:
         codes = self.wait()
@@ -280,15 +287,9 @@ def test_different_configs_on_different_processes_stop_before_anything(
     # Process 1 gets another seed: what a typo in one host's command line does.
     only = {1: ["--config.seed=1"]}
     r = Run(workdir, 2, 2, digits_data_dir, compile_cache, ["--config.total_steps=6"], only=only)
-    try:
-        codes = r.wait()
-    finally:
-        r.kill()
-    assert codes[0] != 0 and codes[1] != 0
-    for i in range(2):
-        fatal = [line for line in r.output(i).splitlines() if line.startswith("FATAL")]
-        assert len(fatal) == 1 and "config differs between processes" in fatal[0], r.output(i)
-        assert "process(es) [1] do not match process 0" in fatal[0]
+    for fatal in r.fatal_lines():
+        assert "config differs between processes" in fatal
+        assert "process(es) [1] do not match process 0" in fatal
     assert not workdir.exists()
 
 
@@ -307,14 +308,8 @@ def test_a_workdir_not_shared_by_every_process_is_named_before_anything(
         ["--config.total_steps=6"],
         only=only,
     )
-    try:
-        codes = r.wait()
-    finally:
-        r.kill()
-    assert codes[0] != 0 and codes[1] != 0
-    for i in range(2):
-        fatal = [line for line in r.output(i).splitlines() if line.startswith("FATAL")]
-        assert len(fatal) == 1 and "is not shared: process(es) [1]" in fatal[0], r.output(i)
+    for fatal in r.fatal_lines():
+        assert "is not shared: process(es) [1]" in fatal
     # Nothing but the (removed) check token was ever written: no config, logs or checkpoints.
     assert list((tmp_path / "shared").iterdir()) == []
     assert not elsewhere.exists() or list(elsewhere.iterdir()) == []

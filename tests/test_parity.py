@@ -7,15 +7,13 @@ represent the model, load back, and get the same config, the same params and the
 import functools
 import json
 
-import jax
 import numpy as np
 import pytest
-from helpers import FIXTURES
+from helpers import FIXTURES, assert_params_identical, logits_of
 from safetensors.numpy import load_file
 
 import vit_jax
-from vit_jax import convert, transfer
-from vit_jax.models import VisionTransformer
+from vit_jax import convert
 
 # fixture → (weights inside its folder, load_pretrained kwargs the format cannot provide itself).
 SOURCES = {
@@ -69,28 +67,11 @@ RELOAD_OVERRIDES = {
 
 
 @functools.cache
-def apply_fn(config):
-    return jax.jit(VisionTransformer(config).apply)
-
-
-def logits_of(config, params, images):
-    return np.asarray(apply_fn(config)({"params": params}, images))
-
-
-@functools.cache
 def load_fixture(name):
     weights, kwargs = SOURCES[name]
     model, params = vit_jax.load_pretrained(str(FIXTURES / name / weights), **kwargs)
     images = np.load(FIXTURES / name / "images.npy")
     return model.config, params, images, np.load(FIXTURES / name / "logits.npy")
-
-
-def assert_params_identical(a, b):
-    a, b = transfer.flatten(a), transfer.flatten(b)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.mark.parametrize("name", SOURCES)
@@ -153,7 +134,7 @@ def test_save_and_load_back(name, fmt, tmp_path):
     assert overrides == RELOAD_OVERRIDES[name, fmt]
     model, reloaded = vit_jax.load_pretrained(str(path), **overrides)
     assert model.config == config
-    assert_params_identical(reloaded, params)
+    assert_params_identical(reloaded, params, same_dtype=True)
     np.testing.assert_array_equal(
         logits_of(model.config, reloaded, images), logits_of(config, params, images)
     )

@@ -11,13 +11,12 @@ import pathlib
 import shutil
 import threading
 
-import numpy as np
 import pytest
 import tqdm
-from helpers import FIXTURES, assert_finished, fake_terminal, final_lines
+from helpers import FIXTURES, assert_finished, assert_params_identical, fake_terminal, final_lines
 
 import vit_jax
-from vit_jax import pretrained, transfer
+from vit_jax import pretrained
 
 FIXTURE = FIXTURES / "vit_jax_gap" / "params.npz"
 
@@ -47,13 +46,6 @@ def served(tmp_path, monkeypatch):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-
-
-def assert_params_identical(a, b):
-    a, b = transfer.flatten(a), transfer.flatten(b)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_named_checkpoint_is_downloaded_once_verified_and_cached(served, monkeypatch):

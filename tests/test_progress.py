@@ -71,6 +71,7 @@ def test_image_folder_preparation_bars_count_checked_and_copied_images(tfds_bars
 
 def test_other_tfds_datasets_show_tfds_bars_only_on_a_terminal(tmp_path, monkeypatch):
     from vit_jax import input_pipeline
+    from vit_jax.data import sources
 
     seen = []
 
@@ -84,7 +85,7 @@ def test_other_tfds_datasets_show_tfds_bars_only_on_a_terminal(tmp_path, monkeyp
     with progress.tfds_bars(False):  # as the CLIs leave it
         for stderr in (io.StringIO(), FakeTerminal()):
             with mock.patch.object(sys, "stderr", stderr), pytest.raises(RuntimeError):
-                input_pipeline._open_builder(config)
+                sources.open_builder(config)
         assert not tqdm_utils._active
     assert seen == [False, True]
 

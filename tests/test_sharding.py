@@ -4,38 +4,13 @@ The multi-device checks run in a subprocess with 8 simulated CPU devices: XLA re
 flag only when JAX starts.
 """
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import numpy as np
 import pytest
+from helpers import run_with_devices
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import sharding
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_with_devices(code: str, devices: int = 8, timeout: int = 240) -> str:
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": REPO,
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
 
 
 def test_mesh_sizes_fill_in_minus_one_and_reject_bad_shapes():

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from helpers import REPO, run_with_devices
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import sharding_rules
@@ -106,13 +107,13 @@ class _Mesh:
 
 
 def test_trainer_logs_what_was_sharded_and_warns_when_fsdp_shards_nothing(capsys):
-    from vit_jax import trainer
+    from vit_jax import train_state
 
     shapes = state_shapes()
     for min_size, expected in ((4096, "2 of 4 parameter arrays"), (10**9, "0 of 4 parameter")):
         specs = sharding_rules.tree_specs(shapes, MESH, min_size=min_size)
         placed = jax.tree.map(_Placed, specs, is_leaf=lambda x: isinstance(x, P))
-        trainer._log_sharding(shapes, placed, _Mesh())
+        train_state.log_sharding(shapes, placed, _Mesh())
         out = capsys.readouterr().out
         assert f"Sharding: {expected}" in out
         assert ("WARNING mesh.fsdp=4 but no parameter is sharded" in out) == (min_size == 10**9)
@@ -132,28 +133,8 @@ print(count, one, four)
 
 @pytest.mark.slow  # a second JAX process with 4 simulated devices and two compilations
 def test_memory_table_numbers_come_from_the_compiled_state():
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "PYTHONPATH": root,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_TABLE_CHECK.format(root=root)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    count, one, four = map(int, proc.stdout.split()[-3:])
+    out = run_with_devices(MEMORY_TABLE_CHECK.format(root=str(REPO)), devices=4)
+    count, one, four = map(int, out.split()[-3:])
     # float32 params + AdamW's two moments, whole on every device; then ~a quarter of that.
     assert one == pytest.approx(3 * 4 * count, rel=1e-3)
     assert one / 4 <= four < one / 4 * 1.05

@@ -5,34 +5,13 @@ import os
 import pathlib
 import subprocess
 import sys
-import textwrap
 
 import jax.numpy as jnp
 import pytest
-from helpers import REPO, subprocess_env
+from helpers import REPO, subprocess_env, tiny_config_source
 
 from configs import digits, finetune, pretrain
 from vit_jax import optim, train_state, trainer
-
-TINY_CONFIG = """
-from configs import common
-
-def get_config(arg=None):
-    config = common.get_config()
-    config.model = common.model_config(
-        None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=(4, 4)
-    )
-    config.dataset = "digits"
-    config.image_size = 16
-    config.batch_size = 32
-    config.eval_batch_size = 128
-    config.total_steps = 100  # overridden on the command line
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 0
-    config.pp.crop_area_range = None
-    config.schedule.warmup_steps = 0
-    return config
-"""
 
 
 def run_train(*args, timeout=300):
@@ -50,7 +29,8 @@ def run_train(*args, timeout=300):
 @pytest.fixture
 def tiny_config_file(tmp_path):
     path = tmp_path / "tiny.py"
-    path.write_text(textwrap.dedent(TINY_CONFIG))
+    # total_steps: overridden on the command line
+    path.write_text(tiny_config_source(eval_batch_size=128, total_steps=100, checkpoint_every=0))
     return str(path)
 
 

@@ -8,16 +8,13 @@ the digits and mock cifar10 runs go through the real TFDS pipeline.
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import COMPILE_CACHE, FIXTURES, REPO, TINY
+from helpers import COMPILE_CACHE, FIXTURES, REPO, TINY, run_with_devices
 
 from configs import common
 from vit_jax import checkpoints, models, optim, sharding, train_state, train_step, trainer
@@ -397,23 +394,8 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
     code = EIGHT_DEVICE_RUN.format(
         repo=str(REPO), data_dir=data_dir, workdir=str(tmp_path / "eight")
     )
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-        "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    eight = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_with_devices(code, devices=8, timeout=400)
+    eight = json.loads(out.strip().splitlines()[-1])
     # Same global batch, same math: only the order of floating-point sums differs. (The 8 devices
     # form a 2 x 4 mesh: data parallel over 'data', parameters sharded over 'fsdp'.)
     assert one[0] != one[3]  # the model did change over the 4 steps

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from helpers import TINY, random_params
+from helpers import TINY, assert_params_identical, random_params
 
 from vit_jax import get_config, models, transfer
 
@@ -25,16 +25,8 @@ def flat(tree):
     return {k: np.asarray(v) for k, v in transfer.flatten(tree).items()}
 
 
-def assert_trees_equal(a, b, skip=()):
-    a, b = flat(a), flat(b)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        if key not in skip:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
 def test_same_config_is_identity(src, params):
-    assert_trees_equal(transfer.adapt_params(params, src, src), params)
+    assert_params_identical(transfer.adapt_params(params, src, src), params)
 
 
 def test_posemb_resized_to_non_square_grid_keeping_prefix_rows(src, params):
@@ -46,7 +38,7 @@ def test_posemb_resized_to_non_square_grid_keeping_prefix_rows(src, params):
     np.testing.assert_array_equal(new[:, :prefix], old[:, :prefix])  # class/register rows kept
     expected = models.resize_posemb_grid(old[:, prefix:], (4, 4), (3, 6))
     np.testing.assert_allclose(new[:, prefix:], expected, atol=1e-6)
-    assert_trees_equal(adapted, params, skip=(POSEMB,))
+    assert_params_identical(adapted, params, skip=(POSEMB,))
     logits = models.VisionTransformer(dst).apply({"params": adapted}, np.zeros((1, 12, 24, 3)))
     assert logits.shape == (1, 10)
 
@@ -63,7 +55,7 @@ def test_head_reinitialized_when_classes_differ(src, params):
     adapted = flat(transfer.adapt_params(params, src, dst, jax.random.key(1)))
     np.testing.assert_array_equal(adapted["head/kernel"], np.zeros((32, 3)))
     np.testing.assert_array_equal(adapted["head/bias"], np.full((3,), -2.0))
-    assert_trees_equal(transfer.unflatten(adapted), params, skip=("head/kernel", "head/bias"))
+    assert_params_identical(transfer.unflatten(adapted), params, skip=("head/kernel", "head/bias"))
 
 
 def test_head_dropped_for_zero_classes(src, params):
@@ -74,7 +66,7 @@ def test_head_dropped_for_zero_classes(src, params):
 def test_loop_scan_loop_round_trip(src, params):
     scanned = transfer.adapt_params(params, src, src.replace(scan=True))
     assert flat(scanned)["Transformer/encoderblock/LayerNorm_0/scale"].shape == (2, 32)
-    assert_trees_equal(transfer.adapt_params(scanned, src.replace(scan=True), src), params)
+    assert_params_identical(transfer.adapt_params(scanned, src.replace(scan=True), src), params)
 
 
 def test_pre_logits_dropped_when_target_has_none():

@@ -1,5 +1,7 @@
 """Checks on the training fields of a config (optimizer, schedule, loop), before any work starts.
 
+Also the run's length (`total_steps_of`) and its batch sizes against the device mesh.
+
 The data fields are checked by `vit_jax.data.validation`, the model's by `ViTConfig` itself; this
 module covers the rest, so that nonsense (a negative learning rate trains by gradient ascent,
 keep_checkpoints=0 deletes the final model) is one clear error instead of a silent bad run.
@@ -10,7 +12,10 @@ from __future__ import annotations
 import math
 import numbers
 
-LOSSES = ("softmax_xent", "sigmoid_xent")
+import ml_collections
+
+from vit_jax import sharding as sharding_lib
+from vit_jax.train_step import LOSSES
 
 
 def _int(value) -> bool:
@@ -85,3 +90,34 @@ def validate_training(config) -> None:
     for field in ("fsdp_min_size", "prefetch_to_device"):
         value = config[field]
         _require(_int(value) and value >= 0, field, value, "must be an int >= 0")
+
+
+def total_steps_of(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    """config.total_steps, or config.total_epochs in steps (rounded up); exactly one must be set.
+
+    None and 0 both mean unset, so a command line can switch from one to the other.
+    """
+    steps, epochs = config.get("total_steps") or None, config.get("total_epochs") or None
+    if (steps is None) == (epochs is None):
+        raise ValueError(
+            f"set exactly one of config.total_steps ({steps}) and config.total_epochs ({epochs}); "
+            f"0 or None unsets one, e.g. --config.total_steps=0 --config.total_epochs=10"
+        )
+    if steps is None:
+        steps = math.ceil(epochs * num_train_examples / config.batch_size)
+    if steps <= 0:
+        raise ValueError(f"training length must be positive; got {steps} steps")
+    return int(steps)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
+    if config.accum_steps < 1 or config.batch_size % config.accum_steps:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must be a multiple of "
+            f"config.accum_steps={config.accum_steps} (>= 1)"
+        )
+    sharding_lib.check_batch_size(config.batch_size, mesh)
+    sharding_lib.check_batch_size(
+        config.batch_size // config.accum_steps, mesh, "micro-batch (batch_size / accum_steps)"
+    )
+    sharding_lib.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")

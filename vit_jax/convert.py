@@ -21,13 +21,11 @@ first parameter and both shapes, before any model is returned.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import json
 import logging
 import os
-import shlex
 import sys
 import urllib.parse
 import urllib.request
@@ -36,7 +34,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import checkpoints, cli, progress, transfer
+from vit_jax import checkpoints, progress, transfer
+
+# The command line (`python -m vit_jax.convert`, `vit-convert`) is vit_jax.convert_cli's.
+from vit_jax.convert_cli import main, set_flags  # noqa: F401
 from vit_jax.formats import REGISTRY, layout, timm
 from vit_jax.formats.source import Source
 from vit_jax.model_config import ViTConfig, parse_variant
@@ -344,87 +345,6 @@ def reload_overrides(params: Any, config: ViTConfig, format: str) -> dict[str, A
     wanted = config.to_dict()
     differ = {k: v for k, v in wanted.items() if inferred.to_dict()[k] != v}
     return {**hints, **differ}
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)  # 4, 1e-6, True, None, (384, 384)
-    except (ValueError, SyntaxError):
-        return text  # a bare string such as gap
-
-
-def set_flags(settings: dict[str, Any]) -> str:
-    """`--set FIELD=VALUE ...` that a shell passes through unchanged and `_parse_value` reads back."""
-    shown = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    # A bare word reads back as itself (gap, sincos2d); anything else as its Python literal.
-    text = lambda v: v if isinstance(v, str) and _parse_value(v) == v else repr(v)  # noqa: E731
-    return " ".join(f"--set {shlex.quote(f'{k}={text(v)}')}" for k, v in shown.items())
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = cli.ArgumentParser(
-        prog="python -m vit_jax.convert",
-        description="Convert a ViT checkpoint (vit_jax/big_vision .npz, timm, HF, Orbax) to "
-        f"{', '.join(REGISTRY)}.",
-    )
-    parser.add_argument("src", help="checkpoint file or folder (local, gs:// or http(s)://)")
-    parser.add_argument("dst", help="output file (npz, timm) or folder (hf; timm without suffix)")
-    parser.add_argument("--to", required=True, choices=sorted(REGISTRY), help="output format")
-    parser.add_argument("--variant", help="e.g. ViT-B/16 or vit_base_patch16_224")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="a ViTConfig override, e.g. --set num_heads=12 --set image_size=384 (repeatable)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(levelname)s: %(message)s")
-    overrides = {}
-    for item in args.set:
-        field, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[field] = _parse_value(value)
-    cli.quiet_logs(args.verbose, tensorflow=False)
-
-    def run() -> int:
-        # One bar over the stages (reading + translating, writing, checking what a reader needs);
-        # a download of a remote source has its own bar in bytes. Warnings print above the bar.
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        with (
-            logging_redirect_tqdm(),
-            progress.bar(3, f"convert to {args.to}", unit="stage", leave=True) as stages,
-        ):
-            loaded = load_checkpoint(args.src, variant=args.variant, **overrides)
-            stages.update(1)
-            save_pretrained(
-                loaded.params, args.dst, format=args.to, model=loaded.config,
-                preprocessing=loaded.preprocessing,
-            )  # fmt: skip
-            stages.update(1)
-            needed = reload_overrides(loaded.params, loaded.config, args.to)
-            stages.update(1)
-        config = loaded.config
-        print(f"wrote {args.dst} ({args.to}) of a model with {config}")
-        print(
-            f"inputs: {loaded.preprocessing.describe()}; config and inputs are stored in the file"
-        )
-        how = REGISTRY[args.to].how_to_load(args.dst, config).replace("\n", "\n  ")
-        print("load it with:\n  " + how)
-        if needed:
-            print(
-                f"a reader that ignores our metadata must be told: {set_flags(needed)} "
-                f"(vit_jax.load_pretrained needs nothing)"
-            )
-        return 0
-
-    return cli.run_guarded(run, args.verbose)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ Batches are per-process numpy; `vit_jax.sharding` turns them into global `jax.Ar
 data field of `config` takes its `default_data_config()` value; other fields are ignored, but an
 unknown `pp.*` field is an error (a typo would otherwise silently do nothing).
 
+Opening the dataset (TFDS name or image folder, prepared on first use) and cutting its splits into
+per-process shares: `vit_jax.data.sources`; the per-example ops: `vit_jax.data.preprocess`.
+
 Config fields: `vit_jax/data/defaults.py` lists each with its default and meaning
 (`default_data_config()` gives them all; `get_datasets` validates them first). `data_dir`: unprepared
 TFDS datasets are downloaded and prepared there; `digits` and image folders are prepared there
@@ -53,9 +56,7 @@ accuracy of sum(correct * mask) / sum(mask) counts every example exactly once.
 """
 
 import contextlib
-import dataclasses
 import math
-import os
 from collections.abc import Iterator
 
 import jax
@@ -65,11 +66,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from vit_jax import progress
-from vit_jax.data import preprocess
+from vit_jax.data import preprocess, sources
 from vit_jax.data.defaults import DATA_DEFAULTS, PREPROCESSING_DEFAULTS
 from vit_jax.data.validation import validate_config, validate_dataset
-from vit_jax.tfds_builders import image_folder_builder  # Also registers the `digits` builder.
 
 # The input pipeline is CPU work: never let TF take accelerator memory from JAX. (RuntimeError:
 # TF's devices were already initialized elsewhere; then there is nothing to change.)
@@ -97,7 +96,7 @@ def get_datasets(config, process_index: int | None = None, process_count: int | 
     process_count = jax.process_count() if process_count is None else process_count
     config = _with_defaults(config)
     validate_config(config, process_index, process_count)
-    builder = _open_builder(config)
+    builder = sources.open_builder(config)
     validate_dataset(builder, config)
     return Data(config, builder, process_index, process_count)
 
@@ -112,80 +111,6 @@ def _with_defaults(config) -> ml_collections.ConfigDict:
     merged.update({k: v for k, v in config.items() if k in merged and k != "pp"})
     merged["pp"].update(pp)
     return ml_collections.ConfigDict(merged)
-
-
-def _open_builder(config) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder for `config.dataset` (a TFDS name or an image folder)."""
-    data_dir = config.data_dir
-    if data_dir is not None and not tf.io.gfile.isdir(data_dir):
-        raise FileNotFoundError(
-            f"config.data_dir={data_dir!r} does not exist. Create it (datasets are prepared into "
-            "it on first use), point it at a TFDS data dir, or set it to None for TFDS's default "
-            "($TFDS_DATA_DIR or ~/tensorflow_datasets)."
-        )
-    name = config.dataset
-    path = os.path.expanduser(name)
-    # A registered TFDS name wins over a same-named folder in the working directory.
-    is_tfds_name = name.split("/")[0].split(":")[0] in tfds.list_builders(
-        with_community_datasets=False
-    )
-    if os.path.isdir(path) and (name.startswith(("/", ".", "~")) or not is_tfds_name):
-        return image_folder_builder(path, data_dir, skip_corrupt=config.skip_corrupt_images)
-    if name.startswith(("/", ".", "~")):
-        raise FileNotFoundError(
-            f"config.dataset={name!r} looks like an image folder, but "
-            f"{os.path.abspath(os.path.expanduser(name))!r} does not exist."
-        )
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
-            f"Unknown dataset config.dataset={name!r}. Use one of: 'digits' (built in, offline); "
-            "a TFDS name (see tfds.list_builders(), e.g. 'cifar10', 'imagenet2012') prepared in "
-            "config.data_dir (`tfds build NAME --data_dir=DIR`, on a machine with network); or "
-            "the path of an image folder laid out as <root>/<split>/<class_name>/*.jpg."
-        ) from None
-    if not builder.is_prepared():
-        try:
-            # TFDS's bars (downloads, examples, shuffling) only where ours would show.
-            with progress.tfds_bars(progress.shows()):
-                builder.download_and_prepare()
-        except Exception as e:  # Re-raised with what to do about it...
-            builder = tfds.builder(name, data_dir=data_dir)
-            if builder.is_prepared():  # ...unless another process prepared it meanwhile.
-                return builder
-            raise RuntimeError(
-                f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and preparing it "
-                f"failed ({type(e).__name__}: {e}). Prepare it where there is network access with "
-                f"`tfds build {name} --data_dir=DIR` (`--manual_dir` for datasets such as "
-                "imagenet2012 that need a manual download), then copy DIR here and set "
-                "config.data_dir=DIR."
-            ) from e
-    return builder
-
-
-def _decoders(builder):
-    """Read only image and label; keep images encoded so they are decoded after shuffling."""
-    image_feature = builder.info.features["image"]
-    skip = {"image": tfds.decode.SkipDecoding()}
-    is_encoded = isinstance(image_feature, tfds.features.Image)
-    return tfds.decode.PartialDecoding(
-        {"image": True, "label": True}, decoders=skip if is_encoded else None
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Shard:
-    """One process's share of a split: the TFDS split spec and its size."""
-
-    split: object  # What `tfds.even_splits` returns; any `builder.as_dataset` split argument.
-    num_examples: int
-
-
-def _shards(builder, split: str, count: int) -> list[_Shard]:
-    # Same shares as `tfds.split_for_jax_process(split, process_index=i, process_count=count)`.
-    shares = tfds.even_splits(split, n=count)
-    return [_Shard(s, builder.info.splits[s].num_examples) for s in shares]
 
 
 class Data:
@@ -205,19 +130,19 @@ class Data:
         self.local_batch_size = config.batch_size // process_count
         self.local_eval_batch_size = config.eval_batch_size // process_count
 
-        self._train = _shards(builder, config.train_split, process_count)[process_index]
+        self._train = sources.shards(builder, config.train_split, process_count)[process_index]
         if self._train.num_examples == 0:
             raise ValueError(
                 f"config.train_split={config.train_split!r} has {self.num_train_examples} "
                 f"examples, too few to give each of the {process_count} processes one."
             )
-        eval_shards = _shards(builder, config.eval_split, process_count)
+        eval_shards = sources.shards(builder, config.eval_split, process_count)
         self._eval = eval_shards[process_index]
         biggest = max(s.num_examples for s in eval_shards)
         # Same count on every process, so multi-host eval steps stay in lockstep.
         self.num_eval_batches = math.ceil(biggest / self.local_eval_batch_size)
         self._seed = tf.constant([config.seed, 0], tf.int64)
-        self._decoders = _decoders(builder)
+        self._decoders = sources.decoders(builder)
         split_bytes = info.splits[config.train_split].num_bytes
         split_bytes = split_bytes or self.num_train_examples * _UNKNOWN_EXAMPLE_BYTES
         self._train_examples = self._train_source = None

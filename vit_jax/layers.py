@@ -14,6 +14,16 @@ from vit_jax.model_config import ViTConfig
 Array = jax.Array
 
 
+def layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
+    """The model's LayerNorm (its epsilon, compute and parameter dtypes), named `name`."""
+    return nn.LayerNorm(
+        cfg.layernorm_epsilon,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        name=name,
+    )
+
+
 class MlpBlock(nn.Module):
     config: ViTConfig
     deterministic: bool = True
@@ -156,10 +166,7 @@ class MultiHeadDotProductAttention(nn.Module):
             k = project(inputs_kv, kernels[1], biases[1])
             v = project(inputs_kv, kernels[2], biases[2])
         if cfg.qk_norm:
-            norm = lambda name: nn.LayerNorm(  # noqa: E731
-                cfg.layernorm_epsilon, dtype=dtype, param_dtype=pdtype, name=name
-            )
-            q, k = norm("query_norm")(q), norm("key_norm")(k)
+            q, k = layer_norm(cfg, "query_norm")(q), layer_norm(cfg, "key_norm")(k)
 
         use_dropout = cfg.attention_dropout_rate > 0 and not self.deterministic
         impl = resolve_attention_impl(cfg)
@@ -213,9 +220,7 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: Array, drop_path_rate: Array) -> tuple[Array, tuple[Array | None, Array]]:
         cfg = self.config
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        norm = lambda name: nn.LayerNorm(  # noqa: E731
-            cfg.layernorm_epsilon, dtype=dtype, param_dtype=pdtype, name=name
-        )
+        norm = lambda name: layer_norm(cfg, name)  # noqa: E731
 
         def residual(branch: Array, name: str) -> Array:
             if cfg.layerscale_init is not None:
@@ -256,11 +261,6 @@ class MAPHead(nn.Module):
         x, _ = MultiHeadDotProductAttention(no_qk_norm, name="MultiHeadDotProductAttention_0")(
             probe, x
         )
-        y = nn.LayerNorm(
-            cfg.layernorm_epsilon,
-            dtype=jnp.dtype(cfg.dtype),
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            name="LayerNorm_0",
-        )(x)
+        y = layer_norm(cfg, "LayerNorm_0")(x)
         x = x + MlpBlock(cfg, self.deterministic, name="MlpBlock_0")(y)
         return x[:, 0]

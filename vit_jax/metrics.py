@@ -143,10 +143,9 @@ def plot_curves(metrics_path: str | epath.Path, png_path: str | epath.Path) -> N
         if "loss" in curves.get(split, {}):
             steps, values = zip(*curves[split]["loss"])
             loss_ax.plot(steps, values, style, label=f"{split} loss", markersize=3)
-    for name in ("top1", "top5"):
-        if name in curves.get("eval", {}):
-            steps, values = zip(*curves["eval"][name])
-            acc_ax.plot(steps, [100 * v for v in values], "o-", label=f"eval {name}", markersize=3)
+    for name in sorted(set(curves.get("eval", {})) - {"loss", "count"}):  # evaluation.METRICS
+        steps, values = zip(*curves["eval"][name])
+        acc_ax.plot(steps, [100 * v for v in values], "o-", label=f"eval {name}", markersize=3)
     if loss_ax.lines:  # one x-axis for both panels, even when there was a single evaluation
         acc_ax.set_xlim(loss_ax.get_xlim())
     loss_ax.set(xlabel="step", ylabel="loss", title="Loss")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.layers import EncoderBlock, MAPHead, drop_path_rates
+from vit_jax.layers import EncoderBlock, MAPHead, drop_path_rates, layer_norm
 from vit_jax.model_config import REMAT_POLICIES, ViTConfig, get_config
 
 Array = jax.Array
@@ -166,12 +166,7 @@ class Encoder(nn.Module):
                 per_layer.append(outputs)
             weights, tokens = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
         if not cfg.fc_norm:
-            x = nn.LayerNorm(
-                cfg.layernorm_epsilon,
-                dtype=jnp.dtype(cfg.dtype),
-                param_dtype=jnp.dtype(cfg.param_dtype),
-                name="encoder_norm",
-            )(x)
+            x = layer_norm(cfg, "encoder_norm")(x)
         return x, weights, tokens
 
 
@@ -249,9 +244,7 @@ class VisionTransformer(nn.Module):
                 f"does not handle it (step 4 of models.py)"
             )
         if cfg.fc_norm:
-            x = nn.LayerNorm(
-                cfg.layernorm_epsilon, dtype=dtype, param_dtype=pdtype, name="fc_norm"
-            )(x)
+            x = layer_norm(cfg, "fc_norm")(x)
         if cfg.representation_size is not None:
             x = nn.Dense(
                 cfg.representation_size, dtype=dtype, param_dtype=pdtype, name="pre_logits"

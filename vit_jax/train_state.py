@@ -1,6 +1,6 @@
 """The train state {'params', 'opt_state', 'step'}: its model, its placement, and where it starts.
 
-A run starts from exactly one of, in this order:
+A run starts (`initial_state`) from exactly one of, in this order:
   1. the newest checkpoint in the workdir (a restart resumes: see `trainer.py`);
   2. `config.init_from`: a checkpoint of this project or a published `.npz` (fine-tuning), fitted
      to the new model by `vit_jax.transfer.adapt_params` (position embeddings resized, head
@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from etils import epath
 
-from vit_jax import checkpoints, models, transfer
+from vit_jax import checkpoints, metrics, models, transfer
 from vit_jax import sharding as sharding_lib
 from vit_jax.model_config import ViTConfig
 
@@ -116,3 +117,64 @@ def load_init_params(init_from: str, model_config: ViTConfig) -> dict:
         return transfer.adapt_params(params, src_config, model_config)
     except ValueError as e:
         raise InitCheckpointError(f"config.init_from={init_from!r}: {e}") from None
+
+
+def initial_state(config, ckpt, model, tx, shapes, shardings) -> tuple[dict, int]:
+    """(state, step): the newest checkpoint's if there is one, else step 0 from init_from/random."""
+    restored = ckpt.restore_newest_intact(
+        checkpoints.abstract_with_shardings(shapes, shardings), warn=metrics.log
+    )
+    if restored is None:
+        params = None
+        if config.init_from:
+            params = load_init_params(config.init_from, model.config)
+            metrics.log(f"Initialized from {config.init_from}")
+        rng = jax.random.key(config.seed)
+        return init_state(model, tx, shardings, rng, params), 0
+    state, data_state = restored
+    step = int(data_state["step"])
+    warn_on_topology_change(data_state)
+    if int(jax.device_get(state["step"])) != step:
+        raise ValueError(
+            f"checkpoint {step} in {ckpt.directory} is inconsistent: its train state is at step "
+            f"{int(jax.device_get(state['step']))}"
+        )
+    metrics.log(f"Resuming from the checkpoint of step {step} in {ckpt.directory}")
+    return state, step
+
+
+def log_sharding(shapes, shardings, mesh) -> None:
+    """What FSDP did, in one line; `mesh.fsdp > 1` that shards nothing is worth a warning."""
+    from vit_jax import sharding_rules
+
+    specs = jax.tree.map(lambda s: s.spec, shardings)
+    line, any_sharded = sharding_rules.describe(shapes, specs, dict(mesh.shape))
+    metrics.log(line)
+    if mesh.shape["fsdp"] > 1 and not any_sharded:
+        message = (
+            f"mesh.fsdp={mesh.shape['fsdp']} but no parameter is sharded: every one is smaller "
+            f"than config.fsdp_min_size or matched a 'replicate' rule, so the 'fsdp' devices "
+            f"only split the batch. Lower config.fsdp_min_size to shard this model."
+        )
+        logging.warning(message)
+        metrics.log(f"WARNING {message}")
+
+
+def warn_on_topology_change(data_state: dict) -> None:
+    """A checkpoint from another process count continues exactly only with random-access data."""
+    saved = data_state.get("process_count")
+    if saved is None or saved == jax.process_count():
+        return
+    if data_state.get("order") == "global":
+        metrics.log(
+            f"Resuming a {saved}-process checkpoint on {jax.process_count()} process(es): the "
+            f"data order is global, so training continues exactly as it would have"
+        )
+    else:
+        logging.warning(
+            "Resuming a %s-process checkpoint on %d process(es) with per-process data order "
+            "(the train split is streamed, not read at random): the examples seen from here on "
+            "differ from an uninterrupted run (some repeated, some skipped in this epoch).",
+            saved,
+            jax.process_count(),
+        )

@@ -8,7 +8,7 @@ the collectives (gradient all-reduce for 'data', all-gather / reduce-scatter for
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vit_jax import evaluation
 from vit_jax import sharding as sharding_lib
 from vit_jax.models import VisionTransformer
 
@@ -61,22 +62,14 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     state_shardings: Any,
-    *,
-    accum_steps: int = 1,
-    seed: int = 0,
-    loss: str = "softmax_xent",
+    **step_options: Any,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated.
 
-    See `train_step_fn` for what one step does.
+    See `train_step_fn` for what one step does and its `step_options` (accum_steps, seed, loss).
     """
-    step = train_step_fn(model, tx, mesh, accum_steps=accum_steps, seed=seed, loss=loss)
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    step = train_step_fn(model, tx, mesh, **step_options)
+    return _jit_step(step, state_shardings, sharding_lib.batch_sharding(mesh), mesh)
 
 
 def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -89,10 +82,7 @@ def make_multi_step(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     state_shardings: Any,
-    *,
-    accum_steps: int = 1,
-    seed: int = 0,
-    loss: str = "softmax_xent",
+    **step_options: Any,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """`multi_step(state, batches) -> (state, metrics)`: K train steps in one dispatch (`lax.scan`).
 
@@ -100,15 +90,21 @@ def make_multi_step(
     comes back with that leading axis too. The result is that of K calls of `make_train_step`'s step,
     one per batch (the same rng per step, folded from the state's step), with one host→device
     dispatch instead of K: what a small model needs when the per-step host overhead dominates.
+    `step_options`: as for `make_train_step`.
     """
-    step = train_step_fn(model, tx, mesh, accum_steps=accum_steps, seed=seed, loss=loss)
+    step = train_step_fn(model, tx, mesh, **step_options)
 
     def multi_step(state, batches):
         return jax.lax.scan(step, state, batches)
 
+    return _jit_step(multi_step, state_shardings, stacked_batch_sharding(mesh), mesh)
+
+
+def _jit_step(step, state_shardings, batch_sharding, mesh: Mesh):
+    """Jitted with the state laid out as `state_shardings` (donated) and metrics replicated."""
     return jax.jit(
-        multi_step,
-        in_shardings=(state_shardings, stacked_batch_sharding(mesh)),
+        step,
+        in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
@@ -178,28 +174,28 @@ def train_step_fn(
 
 
 def make_eval_step(
-    model: VisionTransformer, mesh: Mesh, params_shardings: Any, loss: str = "softmax_xent"
+    model: VisionTransformer,
+    mesh: Mesh,
+    params_shardings: Any,
+    loss: str = "softmax_xent",
+    metrics: Iterable[str] = tuple(evaluation.METRICS),
 ) -> Callable[[dict, dict], dict]:
     """`eval_step(params, batch) -> sums`, jitted. Padded examples (mask 0) count for nothing.
 
     Returns sums, not means, so batches add up and the caller divides once by the number of real
-    examples: 'loss', 'top1', 'top5' (correct counts) and 'count'.
+    examples: 'loss', each of `metrics` (names in `evaluation.METRICS`) and 'count'.
     """
     per_example_loss = get_loss(loss)
+    chosen = evaluation.get_metrics(metrics)
 
     def eval_step(params, batch):
         logits = model.apply({"params": params}, batch["image"], train=False)
         mask = batch["mask"].astype(jnp.float32)
         labels = jnp.argmax(batch["label"], axis=-1)
-        top1 = jnp.argmax(logits, axis=-1) == labels
-        k = min(5, logits.shape[-1])
-        topk = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-        return {
-            "loss": jnp.sum(per_example_loss(logits, batch["label"]) * mask),
-            "top1": jnp.sum(top1 * mask),
-            "top5": jnp.sum(topk * mask),
-            "count": jnp.sum(mask),
-        }
+        sums = {"loss": jnp.sum(per_example_loss(logits, batch["label"]) * mask)}
+        for name, metric in chosen.items():
+            sums[name] = jnp.sum(metric.per_example(logits, labels) * mask)
+        return {**sums, "count": jnp.sum(mask)}
 
     return jax.jit(
         eval_step,

@@ -256,7 +256,7 @@ def main(argv):
     if len(argv) > 1:
         print(f"FATAL unexpected arguments: {argv[1:]} (--help lists the flags)", file=sys.stderr)
         return cli.EXIT_USAGE
-    cli.quiet_logs(cli.absl_verbose(), tensorflow=False)
+    cli.quiet_logs(cli.absl_verbose(), tensorflow=_TRAINER.value)  # --trainer reads data with TF
     return cli.run_guarded(_run, cli.absl_verbose)
 
 

@@ -34,19 +34,9 @@ def available(library: str) -> str | None:
 def _timm_model(config: ViTConfig):
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        in_chans=config.num_channels,
-        num_classes=config.num_classes,
-        global_pool={"token": "token", "gap": "avg", "map": "map"}.get(config.pool, ""),
-        embed_dim=config.hidden_size,
-        depth=config.num_layers,
-        num_heads=config.num_heads,
-        mlp_ratio=config.mlp_dim / config.hidden_size,
-        qkv_bias=config.qkv_bias,
-        class_token=config.has_class_token,
-    )
+    from vit_jax.formats import timm_config
+
+    return VisionTransformer(**timm_config.model_args(config))  # exactly our model, as exports do
 
 
 def _hf_model(config: ViTConfig):

@@ -278,7 +278,7 @@ def load_recipe(name_or_path: str):
 
     from vit_jax import main as train_main
 
-    path, _, arg = train_main._recipe_path(name_or_path).partition(":")
+    path, _, arg = train_main.recipe_path(name_or_path).partition(":")
     if not pathlib.Path(path).is_file():
         raise ValueError(f"--trainer_config={name_or_path!r}: no such recipe or config file")
     spec = importlib.util.spec_from_file_location("benchmarked_config", path)

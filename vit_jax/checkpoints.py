@@ -142,14 +142,16 @@ class TrainCheckpoints:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data_state=ocp.args.JsonRestore(),
-            ),
-        )
+        restored = self._restore_items(abstract_state, step)
         return restored.state, restored.data_state
+
+    def _restore_items(self, abstract_state: Any, step: int, *json_items: str):
+        """The state (placed as `abstract_state` says), data_state and `json_items` of `step`."""
+        items = {name: ocp.args.JsonRestore() for name in ("data_state", *json_items)}
+        return self._manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), **items),
+        )
 
     def _restore_verified(self, abstract_state: Any, step: int) -> tuple[dict, dict]:
         item_dir = self.directory / str(step) / "integrity"
@@ -158,14 +160,7 @@ class TrainCheckpoints:
                 # Written before fingerprints existed: restored as it is.
                 return self.restore(abstract_state, step)
             raise DamagedCheckpointError(f"step {step} has no state/ or integrity/ item")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data_state=ocp.args.JsonRestore(),
-                integrity=ocp.args.JsonRestore(),
-            ),
-        )
+        restored = self._restore_items(abstract_state, step, "integrity")
         record = restored.integrity
         if record.get("data_state") != restored.data_state:
             raise DamagedCheckpointError("data_state differs from the one recorded at save time")

@@ -139,16 +139,16 @@ def _resolve_config_arg(argv: list[str]) -> list[str]:
     while i < len(out):
         arg = out[i]
         if arg in ("--config", "-config") and i + 1 < len(out):
-            out[i + 1], i = _recipe_path(out[i + 1]), i + 2
+            out[i + 1], i = recipe_path(out[i + 1]), i + 2
             continue
         if arg.startswith(("--config=", "-config=")):
             name, _, value = arg.partition("=")
-            out[i] = f"{name}={_recipe_path(value)}"
+            out[i] = f"{name}={recipe_path(value)}"
         i += 1
     return out
 
 
-def _recipe_path(value: str) -> str:
+def recipe_path(value: str) -> str:
     path, sep, arg = value.partition(":")
     if os.path.exists(path) or _configs_dir() is None:
         return value

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from vit_jax import checkpoints, metrics, models, transfer
+from vit_jax import checkpoints, metrics, models, optim, transfer
 from vit_jax import sharding as sharding_lib
 from vit_jax.model_config import ViTConfig
 
@@ -67,6 +67,19 @@ def state_shapes(model: models.VisionTransformer, tx: optax.GradientTransformati
 
 def state_shardings(shapes: dict, mesh: jax.sharding.Mesh, fsdp_min_size: int, rules=()) -> dict:
     return sharding_lib.tree_shardings(shapes, mesh, fsdp_min_size, rules)
+
+
+def optimizer_and_shardings(config: ml_collections.ConfigDict, model, mesh, total_steps: int):
+    """(tx, lr_schedule, state shapes, state shardings): the run's optimizer and where its state
+    lives, as the trainer (and the benchmark's bare loop of its step) set them up."""
+    tx, lr_schedule = optim.make_optimizer(
+        config.optim, config.schedule, models.param_shapes(model), total_steps
+    )
+    shapes = state_shapes(model, tx)
+    shardings = state_shardings(
+        shapes, mesh, config.fsdp_min_size, config.get("sharding_rules", ())
+    )
+    return tx, lr_schedule, shapes, shardings
 
 
 def init_state(

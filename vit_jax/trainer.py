@@ -40,7 +40,6 @@ from vit_jax import (
     loss_watch,
     metrics,
     models,
-    optim,
     preprocessing,
     stops,
     train_state,
@@ -102,12 +101,8 @@ def train_and_evaluate(
     config_json = config.to_json_best_effort(indent=2, sort_keys=True)
     owner.check_config(config_json, total_steps, data.num_train_examples)
 
-    tx, lr_schedule = optim.make_optimizer(
-        config.optim, config.schedule, models.param_shapes(model), total_steps
-    )
-    shapes = train_state.state_shapes(model, tx)
-    shardings = train_state.state_shardings(
-        shapes, mesh, config.fsdp_min_size, config.get("sharding_rules", ())
+    tx, lr_schedule, shapes, shardings = train_state.optimizer_and_shardings(
+        config, model, mesh, total_steps
     )
     train_state.log_sharding(shapes, shardings, mesh)
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vit_jax import models, optim, train_state, train_step, trainer
+from vit_jax import models, train_state, train_step, trainer
 from vit_jax import sharding as sharding_lib
 
 INTERVALS = 10  # progress intervals in the trainer's run; the first (compile) is dropped
@@ -62,11 +62,7 @@ def run_bare(
         config, data.num_classes, num_channels=data.image_shape[-1]
     )
     model = models.VisionTransformer(model_config)
-    tx, _ = optim.make_optimizer(config.optim, config.schedule, models.param_shapes(model), steps)
-    shapes = train_state.state_shapes(model, tx)
-    shardings = train_state.state_shardings(
-        shapes, mesh, config.fsdp_min_size, config.get("sharding_rules", ())
-    )
+    tx, _, _, shardings = train_state.optimizer_and_shardings(config, model, mesh, steps)
     state = train_state.init_state(model, tx, shardings, jax.random.key(config.seed))
     step_fn = train_step.make_train_step(
         model, tx, mesh, shardings, accum_steps=config.accum_steps, seed=config.seed,

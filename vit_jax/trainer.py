@@ -63,6 +63,24 @@ def _get_datasets(config):
     return input_pipeline.get_datasets(config)
 
 
+def _close_storage(ckpt, writer, owner, aborted: bool) -> None:
+    """Waits for the last save, then closes. After a second Ctrl-C (before or during the wait) the
+    checkpoint manager is left unclosed: closing it would complete the save the user aborted."""
+    try:
+        if not aborted:
+            try:
+                ckpt.wait()
+            except stops.Aborted:
+                aborted = True
+                raise
+            finally:
+                if not aborted:
+                    ckpt.close()
+    finally:
+        writer.close()
+        owner.release()
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, data: Any = None, *, restart: bool = False
 ) -> dict[str, Any]:
@@ -179,6 +197,7 @@ def train_and_evaluate(
             mesh,
             config.prefetch_to_device,
         )
+    aborted = False
     try:
         with (
             stops.StopSignals() as stop,
@@ -221,13 +240,11 @@ def train_and_evaluate(
                 if last_eval_step != step:
                     eval_results = run_eval(step)
         losses.check()
+    except stops.Aborted:
+        aborted = True
+        raise
     finally:
-        try:
-            ckpt.wait()
-        finally:
-            ckpt.close()
-            writer.close()
-            owner.release()
+        _close_storage(ckpt, writer, owner, aborted)
 
     if not preempted:
         metrics.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")

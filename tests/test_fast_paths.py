@@ -55,4 +55,10 @@ def test_tanh_gelu_in_sigmoid_form_is_flax_tanh_gelu():
     np.testing.assert_allclose(layers.gelu(x, True), jax.nn.gelu(x, approximate=True), atol=1e-6)
     g = jax.vmap(jax.grad(lambda t: layers.gelu(t, True)))(x)
     np.testing.assert_allclose(g, jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, True)))(x), atol=1e-5)
-    np.testing.assert_allclose(layers.gelu(x, False), jax.nn.gelu(x, approximate=False))
+
+
+def test_erf_gelu_is_jax_exact_gelu_to_float_tolerance():
+    x = jnp.linspace(-8, 8, 1001)
+    np.testing.assert_allclose(layers.gelu(x, False), jax.nn.gelu(x, approximate=False), atol=1e-6)
+    g = jax.vmap(jax.grad(lambda t: layers.gelu(t, False)))(x)
+    np.testing.assert_allclose(g, jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, False)))(x), atol=1e-5)

@@ -187,6 +187,8 @@ def test_cli_as_a_module_with_overrides(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    # What had to be guessed is one plain line (not Python's 'WARNING:vit_jax:' default).
+    assert result.stderr.startswith(f"WARNING: {fixture / 'model.safetensors'}: guessed the input")
     (ranked,) = parse_output(result.stdout).values()
     assert sorted(name for _, name in ranked) == [str(i) for i in range(10)]
     assert sum(p for p, _ in ranked) == pytest.approx(1.0, abs=1e-3)

@@ -115,15 +115,19 @@ def test_list_pretrained_shows_models_inputs_and_urls():
     assert all(r["model"] == "ViT-L/16" for r in vit_jax.list_pretrained("L/16"))
 
 
-# What a primary source states for exactly that file (see the comments beside TABLE); no other
-# entry may claim a figure.
+# The figure stated for exactly that file and who states it (see the comments beside TABLE); no
+# other entry may claim one.
+README_TOP1 = {  # google-research/vision_transformer README, recommended fine-tunes at 384
+    "Ti/16": 78.22, "S/32": 79.58, "S/16": 83.73, "B/32": 83.59, "B/16": 85.49, "L/16": 85.59,
+}  # fmt: skip
+TIMM_TOP1 = {  # timm results-imagenet.csv, vit_*.augreg_in21k_ft_in1k
+    ("Ti/16", ""): 75.454, ("S/32", ""): 75.994, ("S/16", ""): 81.384, ("B/32", ""): 80.716,
+    ("B/16", ""): 84.532, ("B/16", "-384"): 85.996, ("B/8", ""): 85.798, ("L/16", ""): 85.834,
+    ("L/16", "-384"): 87.084,
+}  # fmt: skip
 STATED_TOP1 = {
-    ("ViT-Ti/16", "augreg-i21k-ft-i1k-384-recommended"): 78.22,  # vision_transformer README
-    ("ViT-S/32", "augreg-i21k-ft-i1k-384-recommended"): 79.58,
-    ("ViT-S/16", "augreg-i21k-ft-i1k-384-recommended"): 83.73,
-    ("ViT-B/32", "augreg-i21k-ft-i1k-384-recommended"): 83.59,
-    ("ViT-B/16", "augreg-i21k-ft-i1k-384-recommended"): 85.49,
-    ("ViT-L/16", "augreg-i21k-ft-i1k-384-recommended"): 85.59,
+    **{(f"ViT-{m}", "augreg-i21k-ft-i1k-384-recommended"): t for m, t in README_TOP1.items()},
+    **{(f"ViT-{m}", f"augreg-i21k-ft-i1k{res}"): t for (m, res), t in TIMM_TOP1.items()},
     ("ViT-S/16", "i1k-90ep"): 76.5,  # big_vision configs/vit_s16_i1k.py
     ("ViT-S/16", "i1k-300ep"): 80.0,  # arXiv 2205.01580 abstract
 }
@@ -133,6 +137,7 @@ def test_list_pretrained_carries_top1_only_where_a_source_states_it():
     rows = {(r["model"], r["pretrained"]): r for r in vit_jax.list_pretrained()}
     assert {k: r["top1"] for k, r in rows.items() if r["top1"] is not None} == STATED_TOP1
     for row in rows.values():
+        assert (row["top1"] is None) == (row["top1_source"] is None), row
         if row["num_classes"] != 1000:  # an ImageNet-21k head has no ImageNet-1k top-1
             assert row["top1"] is None, row
     # The README's figure belongs to its fine-tuned file: lr 0.03 at 384, not timm's lr 0.01 one.
@@ -141,8 +146,11 @@ def test_list_pretrained_carries_top1_only_where_a_source_states_it():
         "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0"
         "--imagenet2012-steps_20k-lr_0.03-res_384.npz"
     )
-    assert recommended["image_size"] == 384 and "README" in recommended["source"]
-    assert rows[("ViT-B/16", "augreg-i21k-ft-i1k-384")]["top1"] is None
+    assert recommended["image_size"] == 384 and "README" in recommended["top1_source"]
+    timm_chosen = rows[("ViT-B/16", "augreg-i21k-ft-i1k-384")]
+    assert timm_chosen["url"].endswith("--imagenet2012-steps_20k-lr_0.01-res_384.npz")
+    assert "results-imagenet.csv" in timm_chosen["top1_source"]
+    assert rows[("ViT-S/16", "i1k-150ep")]["top1"] is None
 
 
 def test_command_line_prints_the_table_with_top1(capsys):
@@ -153,7 +161,8 @@ def test_command_line_prints_the_table_with_top1(capsys):
         tuple(line.split()[:2]): line.split()[4] for line in lines[1:] if line.startswith("ViT")
     }
     assert rows[("ViT-B/16", "augreg-i21k-ft-i1k-384-recommended")] == "85.49"
-    assert rows[("ViT-B/16", "augreg-i21k-ft-i1k")] == "-"
+    assert rows[("ViT-B/16", "augreg-i21k-ft-i1k")] == "84.532"
+    assert rows[("ViT-B/16", "i21k")] == "-"
     assert len(rows) == len(vit_jax.list_pretrained("B/16"))
     assert pretrained.main(["Z/16"]) == 1
     assert capsys.readouterr().err.startswith("FATAL ValueError: no public checkpoints of 'Z/16'")

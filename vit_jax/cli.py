@@ -95,6 +95,11 @@ class _LibraryFilter(logging.Filter):
 _FILTER = _LibraryFilter()
 
 
+def plain_warnings() -> None:
+    """Our warnings (a guessed setting, a skipped file) as `WARNING: message` lines on stderr."""
+    logging.basicConfig(format="%(levelname)s: %(message)s")
+
+
 def quiet_logs(verbose: bool, *, tensorflow: bool = True) -> None:
     """Only our own lines unless `verbose`: call before importing TensorFlow, JAX or Orbax.
 

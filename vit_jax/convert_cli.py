@@ -7,7 +7,6 @@ Imports the library only when it runs, so `vit_jax.convert` can re-export `main`
 from __future__ import annotations
 
 import ast
-import logging
 import shlex
 from typing import Any
 
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         help="a ViTConfig override, e.g. --set num_heads=12 --set image_size=384 (repeatable)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(levelname)s: %(message)s")
+    cli.plain_warnings()
     overrides = {}
     for item in args.set:
         field, sep, value = item.partition("=")

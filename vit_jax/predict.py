@@ -267,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch_size={args.batch_size} must be at least 1")
     overrides = _parse_overrides(parser, args.set)
+    cli.plain_warnings()
     cli.quiet_logs(args.verbose, tensorflow=False)
 
     def run() -> int:

@@ -72,6 +72,11 @@ Devices:
                         sharded over 'fsdp' along its largest divisible dimension (ZeRO-3 style);
                         smaller ones stay replicated.
   fsdp_min_size         see above, in elements.
+  cpu_devices           CPU only: how many devices XLA's CPU platform exposes (train.py sets it
+                        before JAX starts). 0 = one per core, lowered to the largest count that
+                        divides the micro-batch and eval batch, on the default mesh (a small
+                        model's step keeps both cores busy: digits 1.33x faster on 2 cores);
+                        XLA_FLAGS=--xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES win.
   sharding_rules        ((regex, spec), ...) over parameter paths, first match wins; spec 'fsdp'
                         (the default above), 'replicate', or a PartitionSpec tuple such as
                         (None, 'fsdp'). Optimizer state follows its parameter. The start-up log
@@ -183,6 +188,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.prefetch_to_device = 2
     config.steps_per_dispatch = 1
     config.data_on_device = False
+    config.cpu_devices = 0
 
     # Loop, evaluation, checkpoints, logs.
     config.log_every_steps = 50

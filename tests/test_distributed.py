@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import ml_collections
 import pytest
 from helpers import free_port, run_with_devices
@@ -71,6 +72,50 @@ def test_scheduler_with_several_tasks_but_one_jax_process_is_an_error(
 def test_one_task_under_a_scheduler_is_a_plain_single_process_run(no_cluster, monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "1")
     distributed.initialize()
+
+
+def _devices_config(**fields):
+    from configs import common
+
+    config = common.get_config()
+    config.update(fields)
+    return config
+
+
+@pytest.mark.parametrize(
+    "fields, cores, devices",
+    [
+        (dict(batch_size=64, eval_batch_size=360), 2, 2),  # digits on this machine: one per core
+        (dict(batch_size=64, eval_batch_size=360), 16, 8),  # 360 is not a multiple of 16
+        (dict(batch_size=64, accum_steps=8, eval_batch_size=64), 16, 8),  # micro-batch of 8
+        (dict(batch_size=63, eval_batch_size=63), 2, 1),
+        (dict(batch_size=64, mesh=dict(data=2, fsdp=1)), 8, 1),  # an explicit mesh: left alone
+        (dict(batch_size=64, cpu_devices=3), 2, 3),  # asked for: as given
+    ],
+)
+def test_cpu_devices_auto_takes_one_per_core_that_the_batches_allow(fields, cores, devices):
+    assert distributed.config_cpu_devices(_devices_config(**fields), cores) == devices
+
+
+def test_cpu_devices_bad_value_is_named():
+    with pytest.raises(ValueError, match=r"config.cpu_devices=-2: 0 \(one per core\) or a"):
+        distributed.config_cpu_devices(_devices_config(cpu_devices=-2), 2)
+    with pytest.raises(ValueError, match=r"cpu_devices='2': 0 \(one per core\) or a device"):
+        distributed.cpu_device_count("2", [64], 2)
+
+
+def test_cpu_devices_leave_the_environment_and_multi_process_auto_alone(monkeypatch, no_cluster):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    assert distributed.use_cpu_devices(2) is None
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
+    assert distributed.use_cpu_devices(2) is None
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES")
+    assert distributed.use_cpu_devices(2, auto=True, multi_process=True) is None
+    jax.devices()  # JAX has started in this process: its devices stay as they are
+    assert distributed.use_cpu_devices(jax.device_count() + 1) is None
+    assert distributed.multi_process_requested("h:1", 2) is True
+    assert distributed.multi_process_requested(None, None) is False
 
 
 def test_config_hash_sees_any_difference():

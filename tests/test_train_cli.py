@@ -45,9 +45,11 @@ def test_overrides_reach_the_run_and_rerunning_resumes(tiny_config_file, digits_
         f"--config.data_dir={digits_data_dir}",
         "--config.model.dropout_rate=0.1",
         "--config.mesh.fsdp=1",
+        "--config.cpu_devices=2",
     ]
     first = run_train(*args)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "| 2 local / 2 global cpu devices |" in first.stdout  # set before JAX started
     lines = first.stdout.strip().splitlines()
     assert "step 3/3" in first.stdout and "step 4/" not in first.stdout
     assert lines[-1].startswith("Final test accuracy: ") and lines[-1].endswith("(360 examples)")

@@ -11,7 +11,10 @@ sides are timed alternately, `--repeats` runs of `--steps` steps each, and the m
 so load from other processes hits all sides alike: on a shared machine read the ratio column.
 FLOPs per image come from XLA's cost analysis and are cross-checked against the analytic count
 (`vit_jax.bench.flops`; ViT-B/16 at 224 px: 35.1 GFLOP forward). MFU = FLOP/s / peak, with the
-peak from `--peak_tflops` or, on a known GPU, its bf16 dense peak.
+peak from `--peak_tflops` or, on a known GPU, its bf16 dense peak. Peak memory is per device, from
+the compiled program's memory analysis. On CPU our side runs on one device per core that the batch
+divides (`--cpu_devices`, as train.py does; measured faster than one device with XLA's intra-op
+threads, README Performance).
 In a comparison our model uses the exact (erf) GELU as timm and HF do, so both sides compute the
 same function; the JSON records it. Prints a table and one JSON document (`--json_out` to a file).
 
@@ -35,7 +38,7 @@ from typing import Any
 import jax
 from absl import app, flags
 
-from vit_jax import cli
+from vit_jax import cli, distributed
 from vit_jax.bench import flops as flops_lib
 from vit_jax.bench import jax_side, torch_side
 from vit_jax.model_config import ViTConfig, get_config
@@ -233,6 +236,12 @@ _COMPARE = flags.DEFINE_list(
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per side; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "CPU only: devices XLA's CPU platform exposes; 0 = one per core that the batch divides (as "
+    "train.py does), set before JAX starts. XLA_FLAGS / JAX_NUM_CPU_DEVICES win.",
+)
 _JSON = flags.DEFINE_string("json_out", None, "Also write the JSON report to this file.")
 _TRAINER = flags.DEFINE_bool(
     "trainer",
@@ -311,6 +320,10 @@ def _run_trainer() -> int:
     config = load_recipe(_TRAINER_CONFIG.value)
     if _TRAINER_DATA_DIR.value:
         config.data_dir = _TRAINER_DATA_DIR.value
+    if _CPU_DEVICES.value:
+        config.cpu_devices = _CPU_DEVICES.value
+    # The devices train.py would run the recipe on (set before JAX starts).
+    distributed.use_cpu_devices(distributed.config_cpu_devices(config, distributed.cores()))
     # The trainer's progress lines go to stderr: stdout carries only the JSON document.
     with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(sys.stderr):
         report = trainer_side.measure(config, _TRAINER_STEPS.value, workdir)
@@ -332,6 +345,9 @@ def _run() -> int:
     if _TRAINER.value:
         return _run_trainer()
     _check_flags()
+    distributed.use_cpu_devices(
+        distributed.cpu_device_count(_CPU_DEVICES.value, [_BATCH.value], distributed.cores())
+    )
     overrides = dict(
         image_size=_IMAGE.value,
         dtype=_DTYPE.value,

@@ -70,6 +70,67 @@ def _cluster_detected() -> str | None:
     return None
 
 
+def cpu_device_count(requested: int, batch_sizes: list[int], cores: int) -> int:
+    """How many devices XLA's CPU platform should expose: `requested` if positive; for 0 (auto)
+    one per core, lowered to the largest count that divides every batch in `batch_sizes`.
+
+    With one device XLA's intra-op threads leave cores idle in a step of many small ops; a device
+    per core runs the data-parallel halves side by side (README Performance: digits through the
+    trainer 478 → 638 img/s, ViT-Ti/16 inference 41 → 54 img/s, on 2 cores).
+    """
+    if not isinstance(requested, int) or requested < 0:
+        raise ValueError(f"cpu_devices={requested!r}: 0 (one per core) or a device count")
+    if requested:
+        return requested
+    return max(d for d in range(1, max(cores, 1) + 1) if all(b % d == 0 for b in batch_sizes))
+
+
+def config_cpu_devices(config, cores: int) -> int:
+    """`cpu_device_count` for a training config: its micro-batch and eval batch on the default mesh
+    (one axis -1, the other 1); an explicit mesh names its own device count (auto: 1)."""
+    requested = config.get("cpu_devices", 0)
+    sizes = sorted(int(v) for v in dict(config.mesh).values())
+    if not requested and (sizes[0] != -1 or any(v != 1 for v in sizes[1:])):
+        return 1
+    micro_batch = config.batch_size // max(config.accum_steps, 1)
+    batches = [micro_batch] + ([config.eval_batch_size] if config.get("eval_batch_size") else [])
+    try:
+        return cpu_device_count(requested, batches, cores)
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from None
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # pragma: no cover - macOS / Windows
+
+
+def use_cpu_devices(count: int, *, auto: bool = True, multi_process: bool = False) -> int | None:
+    """Sets JAX's CPU device count to `count` before JAX starts; None where it is left alone: the
+    environment already sets one (XLA_FLAGS, JAX_NUM_CPU_DEVICES), `auto` in a multi-process run
+    (one device per process, as JAX starts it), or JAX has started already (a caller in a process
+    that used JAX before keeps its devices)."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    if os.environ.get("JAX_NUM_CPU_DEVICES") or (multi_process and auto):
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # "should be updated before backends are initialized"
+        return None
+    return count
+
+
+def multi_process_requested(coordinator_address: str | None, num_processes: int | None) -> bool:
+    """Whether `initialize` would start a multi-process run (flags or a detected cluster)."""
+    if coordinator_address is not None or (num_processes or 1) > 1:
+        return True
+    tasks = scheduler_task_count()
+    return _cluster_detected() is not None and not (tasks is not None and tasks[0] == 1)
+
+
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,

@@ -182,6 +182,13 @@ def _train() -> int:
     from vit_jax import distributed  # before any other JAX call
 
     cli.enable_compilation_cache(_COMPILATION_CACHE.value)
+    multi_process = distributed.multi_process_requested(_COORDINATOR.value, _NUM_PROCESSES.value)
+    config = _CONFIG.value
+    distributed.use_cpu_devices(
+        distributed.config_cpu_devices(config, distributed.cores()),
+        auto=not config.get("cpu_devices"),
+        multi_process=multi_process,
+    )
 
     distributed.initialize(
         _COORDINATOR.value,
@@ -192,7 +199,6 @@ def _train() -> int:
     )
     from vit_jax import trainer  # TensorFlow & co. load only once the flags are valid
 
-    config = _CONFIG.value
     prefer_command_line(config, set(config_flags.get_override_values(flags.FLAGS["config"])))
     if _DRY_RUN.value:
         from vit_jax import summary

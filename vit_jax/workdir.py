@@ -38,6 +38,7 @@ HARMLESS = (
     "eval_batch_size",
     "eval_split",
     "mesh.",
+    "cpu_devices",
     "fsdp_min_size",
     "accum_steps",
     "init_from",  # a resumed run starts from its own checkpoint, never from init_from

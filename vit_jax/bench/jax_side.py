@@ -122,4 +122,6 @@ def build(
             out = call()
         jax.block_until_ready(out)
 
-    return Runner(run, compile_s, cost_flops(compiled), peak_bytes(compiled), compile_only_s)
+    flops = cost_flops(compiled)  # of one device's share of the batch: the SPMD program
+    flops = flops * mesh.size if flops else None
+    return Runner(run, compile_s, flops, peak_bytes(compiled), compile_only_s)

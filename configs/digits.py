@@ -5,13 +5,15 @@ r"""A small ViT trained from scratch on the offline 8x8 digits: the main job's d
 Checkpoints every 275 steps (with each evaluation): a kill loses at most those steps, Ctrl-C or
 SIGTERM none (they save first); rerunning the command resumes.
 
-Expected: "Final test accuracy: 99.17% (360 examples)" after 1,684 steps. Train batches are drawn
-and augmented on the devices (`data_on_device`, vit_jax/data/on_device.py: one permutation per epoch
-from (seed, epoch), the same on any process count) and 8 steps run per dispatch
-(`steps_per_dispatch`): the whole command took 4 min 28 s on this 2-core machine, at ~490 train
-img/s, where a bare jitted loop of the same step reaches ~375 img/s (`python -m vit_jax.benchmark
---trainer`). Before the CPU attention layout change (README, Performance) the same recipe gave
-99.44% in 5 min 32 s; on earlier, faster days the tf.data pipeline gave 98.61-98.89% in ~3 min.
+Expected: "Final test accuracy: 99.44% (360 examples)" after 1,684 steps (measured twice, in a
+checkout and in a fresh clone). Train batches are drawn and augmented on the devices
+(`data_on_device`, vit_jax/data/on_device.py: one permutation per epoch from (seed, epoch), the same
+on any process count), 8 steps run per dispatch (`steps_per_dispatch`), and on CPU train.py exposes
+one device per core (`cpu_devices`, auto): the whole command took 3 min 56 s on this 2-core machine
+at ~600-650 train img/s, 1.41x a bare jitted loop of the same step (`python -m vit_jax.benchmark
+--trainer`). The result depends on the device count (float sums in another order;
+`--config.cpu_devices=2` reproduces this figure on a machine with more cores): on one device the
+same recipe gave 99.17%; on earlier, faster days the tf.data pipeline gave 98.61-98.89%.
 
 The data are scikit-learn's 1,797 real handwritten digits (1,437 train / 360 test, stratified),
 upsampled from 8x8 to 32x32 and cut into 4x4 patches: 64 tokens, one per original pixel. Small data

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -56,21 +57,40 @@ def run(cmd, timeout=300, **kwargs):
 
 
 def signal_after_step(cmd, signals, step=2, timeout=300):
-    """Starts `cmd`, sends `signals` (in order) once it printed `step`, returns (status, out, err)."""
+    """Starts `cmd`, sends `signals` (in order) once it printed `step`, returns (status, out, err).
+
+    A signal after a first Ctrl-C is sent once the process has said it saw that one, as a person
+    reads the message before pressing again: two signals that arrive while Python is inside one
+    long C call run its handler once (CPython keeps one pending flag per signal, not a count).
+    """
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    err_lines: list[str] = []
+    acknowledged = threading.Event()
+
+    def read_stderr():
+        for line in proc.stderr:
+            err_lines.append(line)
+            if line.startswith("Ctrl-C: finishing this step"):
+                acknowledged.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
         lines = []
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
-                for signum in signals:
+                for i, signum in enumerate(signals):
+                    if i and signals[i - 1] == signal.SIGINT:
+                        assert acknowledged.wait(timeout), "the first Ctrl-C was never reported"
                     proc.send_signal(signum)
-                    time.sleep(0.05)
                 break
-        out, err = proc.communicate(timeout=timeout)
-        return proc.returncode, "".join(lines) + out, err
+        proc.wait(timeout=timeout)  # what follows the signal is a few lines: no pipe fills up
+        out = proc.stdout.read()
+        reader.join(timeout=10)
+        return proc.returncode, "".join(lines) + out, "".join(err_lines)
     finally:
         if proc.poll() is None:
             proc.kill()  # our own child only

@@ -76,7 +76,7 @@ def cpu_device_count(requested: int, batch_sizes: list[int], cores: int) -> int:
 
     With one device XLA's intra-op threads leave cores idle in a step of many small ops; a device
     per core runs the data-parallel halves side by side (README Performance: digits through the
-    trainer 478 → 638 img/s, ViT-Ti/16 inference 41 → 54 img/s, on 2 cores).
+    trainer 478 → 646 img/s, ViT-Ti/16 inference 41 → 56 img/s, on 2 cores).
     """
     if not isinstance(requested, int) or requested < 0:
         raise ValueError(f"cpu_devices={requested!r}: 0 (one per core) or a device count")

@@ -323,7 +323,7 @@ def _run_trainer() -> int:
     if _CPU_DEVICES.value:
         config.cpu_devices = _CPU_DEVICES.value
     # The devices train.py would run the recipe on (set before JAX starts).
-    distributed.use_cpu_devices(distributed.config_cpu_devices(config, distributed.cores()))
+    distributed.use_config_cpu_devices(config)
     # The trainer's progress lines go to stderr: stdout carries only the JSON document.
     with tempfile.TemporaryDirectory() as workdir, contextlib.redirect_stdout(sys.stderr):
         report = trainer_side.measure(config, _TRAINER_STEPS.value, workdir)

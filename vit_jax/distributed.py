@@ -123,12 +123,30 @@ def use_cpu_devices(count: int, *, auto: bool = True, multi_process: bool = Fals
     return count
 
 
+def use_config_cpu_devices(config, *, multi_process: bool = False) -> int | None:
+    """`use_cpu_devices` with the count `config.cpu_devices` asks for on this machine's cores."""
+    return use_cpu_devices(
+        config_cpu_devices(config, cores()),
+        auto=not config.get("cpu_devices", 0),
+        multi_process=multi_process,
+    )
+
+
+def _multi_process_cluster() -> str | None:
+    """The detected cluster environment that starts several processes, if any (a scheduler that
+    started a single task is a plain single-process run)."""
+    cluster = _cluster_detected()
+    tasks = scheduler_task_count()
+    if cluster is None or (tasks is not None and tasks[0] == 1):
+        return None
+    return cluster
+
+
 def multi_process_requested(coordinator_address: str | None, num_processes: int | None) -> bool:
     """Whether `initialize` would start a multi-process run (flags or a detected cluster)."""
     if coordinator_address is not None or (num_processes or 1) > 1:
         return True
-    tasks = scheduler_task_count()
-    return _cluster_detected() is not None and not (tasks is not None and tasks[0] == 1)
+    return _multi_process_cluster() is not None
 
 
 def initialize(
@@ -180,9 +198,8 @@ def initialize(
             process_id=process_id,
         )
     else:
-        cluster = _cluster_detected()
-        tasks = scheduler_task_count()
-        if cluster is None or (tasks is not None and tasks[0] == 1):
+        cluster = _multi_process_cluster()
+        if cluster is None:
             _check_task_count()
             return
         how, kwargs = f"auto-detected ({cluster})", {}

@@ -184,11 +184,7 @@ def _train() -> int:
     cli.enable_compilation_cache(_COMPILATION_CACHE.value)
     multi_process = distributed.multi_process_requested(_COORDINATOR.value, _NUM_PROCESSES.value)
     config = _CONFIG.value
-    distributed.use_cpu_devices(
-        distributed.config_cpu_devices(config, distributed.cores()),
-        auto=not config.get("cpu_devices"),
-        multi_process=multi_process,
-    )
+    distributed.use_config_cpu_devices(config, multi_process=multi_process)
 
     distributed.initialize(
         _COORDINATOR.value,

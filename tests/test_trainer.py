@@ -7,6 +7,7 @@ the digits and mock cifar10 runs go through the real TFDS pipeline.
 
 import json
 import os
+import re
 import signal
 import threading
 
@@ -165,6 +166,12 @@ def test_run_writes_metrics_config_curves_checkpoints_and_final_line(tmp_path, c
     assert out.strip().splitlines()[-1] == (
         f"Final test accuracy: {100 * result['eval']['top1']:.2f}% (37 examples)"
     )
+    # The line before it: this run's training time, evaluation and checkpoints apart.
+    assert re.fullmatch(
+        r"Training time: \dm\d\ds for 12 steps \([\d,]+ img/s, compiling included\); "
+        r"evaluation and checkpoints \dm\d\ds",
+        out.strip().splitlines()[-2],
+    ), out
     losses = result["train_losses"]
     assert sorted(losses) == list(range(1, 13))
     assert np.mean([losses[s] for s in range(10, 13)]) < losses[1] - 0.2  # it learns

@@ -174,6 +174,9 @@ class Progress:
         self._last_time = time.perf_counter()
         self._step_seconds: float | None = None
         self._paused_seconds = 0.0
+        self._start_step = start_step
+        self._train_seconds = 0.0  # summed over the intervals, pauses left out
+        self._paused_total = 0.0
 
     @contextlib.contextmanager
     def paused(self):
@@ -182,6 +185,7 @@ class Progress:
             yield
         finally:
             self._paused_seconds += time.perf_counter() - start
+            self._paused_total += time.perf_counter() - start
 
     def line(self, step: int, scalars: dict[str, Any]) -> tuple[str, dict[str, float]]:
         """The progress line at `step` and the throughput figures (to log as metrics too)."""
@@ -189,6 +193,7 @@ class Progress:
         steps = max(step - self._last_step, 1)
         seconds = max(now - self._last_time - self._paused_seconds, 1e-9)
         self._paused_seconds = 0.0
+        self._train_seconds += seconds
         first_interval = self._step_seconds is None
         self._step_seconds = seconds / steps
         self._last_step, self._last_time = step, now
@@ -210,6 +215,17 @@ class Progress:
             f"({throughput['images_per_sec_per_device']:,.0f}/device) | ETA {eta}"
         )
         return text, throughput
+
+    def summary(self) -> str:
+        """How long the steps of this run took, up to the last progress line: training (its first
+        interval compiles the step) apart from evaluation and checkpoints."""
+        steps = self._last_step - self._start_step
+        images_per_sec = steps * self.batch_size / max(self._train_seconds, 1e-9)
+        return (
+            f"Training time: {_duration(self._train_seconds)} for {steps} steps "
+            f"({images_per_sec:,.0f} img/s, compiling included); evaluation and checkpoints "
+            f"{_duration(self._paused_total)}"
+        )
 
 
 def _duration(seconds: float) -> str:

@@ -248,6 +248,7 @@ def train_and_evaluate(
 
     if not preempted:
         metrics.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
+        metrics.log(progress.summary())
         metrics.log(
             f"Final {config.eval_split} accuracy: {100 * eval_results['top1']:.2f}% "
             f"({int(eval_results['count'])} examples)"

@@ -184,8 +184,9 @@ class Progress:
         try:
             yield
         finally:
-            self._paused_seconds += time.perf_counter() - start
-            self._paused_total += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self._paused_seconds += elapsed
+            self._paused_total += elapsed
 
     def line(self, step: int, scalars: dict[str, Any]) -> tuple[str, dict[str, float]]:
         """The progress line at `step` and the throughput figures (to log as metrics too)."""

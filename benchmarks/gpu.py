@@ -5,6 +5,11 @@ ViT-L/16 at 224 px, bf16 compute over float32 parameters, with MFU at the card's
   bash benchmarks/gpu.sh results.json                  # on the GPU machine (~5 minutes)
   python benchmarks/gpu.py --tiny --out /tmp/tiny.json # the same script on CPU, tiny model (tests)
 
+After the comparison rows come probes for MFU, ours alone: batch 512, and the matmuls on cuBLAS
+instead of XLA's Triton GEMMs (an XLA option for that compilation only, as
+`python -m vit_jax.benchmark --compiler_option NAME=VALUE` takes it); the JSON ends with
+`best_mfu`, our best row per variant and mode with the spec that gave it.
+
 Robust by construction: each measurement runs in its own try, its error (or skip reason) is
 recorded in the JSON, the JSON is rewritten after every measurement, and measurements that would
 start after `--budget_s` are recorded as skipped instead of run.
@@ -29,12 +34,26 @@ TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, image_size=32
 
 def plan(tiny: bool) -> list[dict]:
     """What to measure, most important first: per variant and mode, ours with cuDNN attention
-    beside timm eager and timm + torch.compile, then ours with XLA's attention alone."""
+    beside timm eager and timm + torch.compile; then probes for MFU (ours alone: a larger batch,
+    cuBLAS instead of Triton for the matmuls); then ours with XLA's attention alone."""
     if tiny:
-        return [
+        runs = [
             dict(variant="Ti/16", batch=4, mode=m, attention=a, compare=["timm", "timm_compile"])
             for m in ("inference", "train")
             for a in ("auto", "xla")
+        ]
+        # The probe path on CPU: an XLA option for this compilation alone.
+        probe_options = {"xla_cpu_enable_fast_math": False}
+        return runs + [
+            dict(variant="Ti/16", batch=8, mode="inference", attention="xla", compare=[]),
+            dict(
+                variant="Ti/16",
+                batch=4,
+                mode="inference",
+                attention="xla",
+                compare=[],
+                compiler_options=probe_options,
+            ),
         ]
     runs = []
     for variant, batch in (("B/16", 256), ("L/16", 128)):
@@ -48,10 +67,48 @@ def plan(tiny: bool) -> list[dict]:
                     compare=["timm", "timm_compile"],
                 )
             )
+    no_triton = {"xla_gpu_enable_triton_gemm": False}
+    runs += [
+        dict(variant="B/16", batch=512, mode="inference", attention="cudnn", compare=[]),
+        dict(variant="B/16", batch=512, mode="train", attention="cudnn", compare=[]),
+        dict(
+            variant="B/16",
+            batch=256,
+            mode="inference",
+            attention="cudnn",
+            compare=[],
+            compiler_options=no_triton,
+        ),
+        dict(
+            variant="B/16",
+            batch=256,
+            mode="train",
+            attention="cudnn",
+            compare=[],
+            compiler_options=no_triton,
+        ),
+    ]
     for variant, batch in (("B/16", 256), ("L/16", 128)):
         for mode in ("train", "inference"):
             runs.append(dict(variant=variant, batch=batch, mode=mode, attention="xla", compare=[]))
     return runs
+
+
+def best_mfu(runs: list[dict]) -> dict[str, dict]:
+    """Per variant and mode, our row with the highest MFU and the spec that gave it."""
+    best: dict[str, dict] = {}
+    for entry in runs:
+        for row in entry.get("report", {}).get("results", []):
+            if row["library"] != "vit_jax" or not row.get("mfu"):
+                continue
+            key = f"{entry['spec']['variant']} {row['mode']}"
+            if key not in best or row["mfu"] > best[key]["mfu"]:
+                best[key] = {
+                    "mfu": row["mfu"],
+                    "images_per_s": row["images_per_s"],
+                    **entry["spec"],
+                }
+    return best
 
 
 def select(runs: list[dict], args) -> list[dict]:
@@ -163,6 +220,7 @@ def main() -> int:
                     steps=args.steps,
                     repeats=args.repeats,
                     libraries=tuple(spec["compare"]),
+                    compiler_options=spec.get("compiler_options"),
                 )
                 entry["wall_s"] = time.perf_counter() - start
                 print(benchmark.format_table(entry["report"]), file=sys.stderr, flush=True)
@@ -172,6 +230,8 @@ def main() -> int:
                 print(f"FAILED {spec}: {entry['error']}", file=sys.stderr, flush=True)
         report["runs"].append(entry)
         write()
+    report["best_mfu"] = best_mfu(report["runs"])
+    print("best MFU per variant and mode:", json.dumps(report["best_mfu"]), file=sys.stderr)
     report["total_s"] = time.perf_counter() - started
     write()
     return 0

@@ -34,6 +34,30 @@ def test_a_train_step_costs_more_than_a_forward_pass(results):
     assert 2 < ratio < 5
 
 
+def test_compiler_options_are_typed_and_checked_against_xla_before_any_model():
+    from vit_jax.bench import jax_side
+
+    assert jax_side.parse_compiler_options(
+        ["xla_cpu_enable_fast_math=false", "xla_cpu_experimental_ynn_fusion_type="]
+    ) == {"xla_cpu_enable_fast_math": False, "xla_cpu_experimental_ynn_fusion_type": ""}
+    assert jax_side.parse_compiler_options([]) == {}
+    with pytest.raises(ValueError, match="'fast_math' is invalid: expected NAME=VALUE"):
+        jax_side.parse_compiler_options(["fast_math"])
+    with pytest.raises(ValueError, match="xla_no_such_option"):
+        jax_side.parse_compiler_options(["xla_no_such_option=1"])
+
+
+def test_compiler_options_reach_our_sides_compilation():
+    from vit_jax.bench import jax_side
+
+    # An option XLA rejects fails the build: the options are handed to this compilation.
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        jax_side.build(
+            models.get_config(None, **TINY), "inference", 2,
+            compiler_options={"xla_no_such_option": 1},
+        )  # fmt: skip
+
+
 def test_bad_mode_is_named():
     with pytest.raises(ValueError, match="mode='eval'"):
         benchmark.benchmark(None, mode="eval", **TINY)
@@ -94,8 +118,12 @@ def test_gpu_script_runs_a_tiny_plan_on_cpu_and_records_every_run(tmp_path):
         cwd=REPO, check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     report = json.loads(out.read_text())
-    assert len(report["runs"]) == 2 and all("report" in r or "error" in r for r in report["runs"])
+    # The two XLA-attention comparison rows, then the two probes (a batch, an XLA option).
+    assert len(report["runs"]) == 4 and all("report" in r for r in report["runs"])
     assert report["runs"][0]["report"]["results"][0]["library"] == "vit_jax"
+    probe = report["runs"][-1]
+    assert probe["report"]["compiler_options"] == probe["spec"]["compiler_options"] != {}
+    assert report["best_mfu"] == {}  # MFU needs a known peak: a bf16 GPU, not CPU float32
 
 
 @pytest.mark.slow  # a short real training run and a bare loop of its step

@@ -111,15 +111,19 @@ def compare(
     libraries: tuple[str, ...] = (),
     optimizer: str = "sgd",
     peak_tflops: float | None = None,
+    compiler_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark our model and each comparison library; every failure is recorded, none aborts."""
+    """Benchmark our model and each comparison library; every failure is recorded, none aborts.
+    `compiler_options` (XLA options, `jax_side.parse_compiler_options`) apply to our side."""
     device = jax.devices()[0].device_kind
     peak_tflops = peak_tflops or peak_tflops_of(device, config.dtype)
     rows, errors = [], []
     for mode in modes:
         runners: dict[str, Any] = {}
         try:
-            runners["vit_jax"] = jax_side.build(config, mode, batch_size, optimizer)
+            runners["vit_jax"] = jax_side.build(
+                config, mode, batch_size, optimizer, compiler_options=compiler_options
+            )
         except Exception as e:  # noqa: BLE001 - recorded in the JSON, the others still run
             errors.append({"library": "vit_jax", "mode": mode, "error": f"{type(e).__name__}: {e}"})
         for library in libraries:
@@ -156,6 +160,7 @@ def compare(
         "repeats": repeats,
         "optimizer": optimizer,
         "peak_tflops": peak_tflops,
+        "compiler_options": dict(compiler_options or {}),
         "results": rows,
         "errors": errors,
     }
@@ -236,6 +241,12 @@ _COMPARE = flags.DEFINE_list(
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per side; the median is reported.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.")
+_COMPILER_OPTIONS = flags.DEFINE_multi_string(
+    "compiler_option",
+    [],
+    "NAME=VALUE: an XLA option for our side's compilation only, e.g. "
+    "xla_gpu_enable_triton_gemm=false (repeatable; checked before any model is built).",
+)
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices",
     0,
@@ -358,6 +369,7 @@ def _run() -> int:
     if _COMPARE.value:
         overrides["gelu_approximate"] = False  # the same function as timm / HF
     config = get_config(_VARIANT.value, **overrides)
+    compiler_options = jax_side.parse_compiler_options(_COMPILER_OPTIONS.value)
     report = compare(
         config,
         modes=tuple(_MODES.value),
@@ -367,6 +379,7 @@ def _run() -> int:
         libraries=tuple(_COMPARE.value),
         optimizer=_OPTIMIZER.value,
         peak_tflops=_PEAK.value,
+        compiler_options=compiler_options,
     )
     report["variant"] = _VARIANT.value
     print(format_table(report), file=sys.stderr)

@@ -27,6 +27,35 @@ MODES = ("train", "inference")
 OPTIMIZERS = ("sgd", "adamw")
 
 
+def parse_compiler_options(items: list[str]) -> dict[str, bool | int | float | str]:
+    """`["xla_gpu_enable_triton_gemm=false", ...]` → XLA compile options for `Lowered.compile`
+    (one compilation only, unlike XLA_FLAGS); values typed as XLA wants them: bool, int, float or
+    string. Each option is checked against XLA by compiling a trivial program, before any model."""
+    options: dict[str, bool | int | float | str] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"compiler option {item!r} is invalid: expected NAME=VALUE")
+        options[name.strip()] = _typed(text.strip())
+    if options:
+        try:
+            jax.jit(lambda x: x + 1).lower(jnp.zeros(())).compile(options)
+        except Exception as e:  # noqa: BLE001 - XLA's own message names the option
+            raise ValueError(f"compiler options {items} are invalid: {e}") from None
+    return options
+
+
+def _typed(text: str) -> bool | int | float | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 @dataclasses.dataclass
 class Runner:
     run: Callable[[int], None]
@@ -78,7 +107,12 @@ def synthetic_batch(config: ViTConfig, batch_size: int, mesh) -> dict[str, jax.A
 
 
 def build(
-    config: ViTConfig, mode: str, batch_size: int, optimizer: str = "sgd", seed: int = 0
+    config: ViTConfig,
+    mode: str,
+    batch_size: int,
+    optimizer: str = "sgd",
+    seed: int = 0,
+    compiler_options: dict[str, Any] | None = None,
 ) -> Runner:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
@@ -95,7 +129,7 @@ def build(
         state = jax.device_put(state, shardings)
         step = train_step_lib.make_train_step(model, tx, mesh, shardings)
         start = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
+        compiled = step.lower(state, batch).compile(compiler_options)
         compile_only_s = time.perf_counter() - start
         holder: list[Any] = [state]
 
@@ -107,7 +141,7 @@ def build(
         params = jax.device_put(params, sharding_lib.replicated(mesh))
         forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
         start = time.perf_counter()
-        compiled = forward.lower(params, batch["image"]).compile()
+        compiled = forward.lower(params, batch["image"]).compile(compiler_options)
         compile_only_s = time.perf_counter() - start
 
         def call():

@@ -32,66 +32,34 @@ from vit_jax.model_config import get_config  # noqa: E402
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, image_size=32, num_classes=10)
 
 
+def run_spec(variant, batch, mode, attention, compare=(), **compiler_options) -> dict:
+    spec = dict(variant=variant, batch=batch, mode=mode, attention=attention, compare=list(compare))
+    return {**spec, "compiler_options": compiler_options} if compiler_options else spec
+
+
 def plan(tiny: bool) -> list[dict]:
     """What to measure, most important first: per variant and mode, ours with cuDNN attention
     beside timm eager and timm + torch.compile; then probes for MFU (ours alone: a larger batch,
     cuBLAS instead of Triton for the matmuls); then ours with XLA's attention alone."""
-    if tiny:
-        runs = [
-            dict(variant="Ti/16", batch=4, mode=m, attention=a, compare=["timm", "timm_compile"])
-            for m in ("inference", "train")
-            for a in ("auto", "xla")
-        ]
-        # The probe path on CPU: an XLA option for this compilation alone.
-        probe_options = {"xla_cpu_enable_fast_math": False}
-        return runs + [
-            dict(variant="Ti/16", batch=8, mode="inference", attention="xla", compare=[]),
-            dict(
-                variant="Ti/16",
-                batch=4,
-                mode="inference",
-                attention="xla",
-                compare=[],
-                compiler_options=probe_options,
+    torch_sides = ("timm", "timm_compile")
+    if tiny:  # the same shape of plan on CPU; the probe's option is one CPU XLA knows
+        return [
+            *(
+                run_spec("Ti/16", 4, m, a, torch_sides)
+                for m in ("inference", "train")
+                for a in ("auto", "xla")
             ),
+            run_spec("Ti/16", 8, "inference", "xla"),
+            run_spec("Ti/16", 4, "inference", "xla", xla_cpu_enable_fast_math=False),
         ]
-    runs = []
-    for variant, batch in (("B/16", 256), ("L/16", 128)):
-        for mode in ("train", "inference"):
-            runs.append(
-                dict(
-                    variant=variant,
-                    batch=batch,
-                    mode=mode,
-                    attention="cudnn",
-                    compare=["timm", "timm_compile"],
-                )
-            )
-    no_triton = {"xla_gpu_enable_triton_gemm": False}
-    runs += [
-        dict(variant="B/16", batch=512, mode="inference", attention="cudnn", compare=[]),
-        dict(variant="B/16", batch=512, mode="train", attention="cudnn", compare=[]),
-        dict(
-            variant="B/16",
-            batch=256,
-            mode="inference",
-            attention="cudnn",
-            compare=[],
-            compiler_options=no_triton,
-        ),
-        dict(
-            variant="B/16",
-            batch=256,
-            mode="train",
-            attention="cudnn",
-            compare=[],
-            compiler_options=no_triton,
-        ),
+    sizes = (("B/16", 256), ("L/16", 128))
+    modes = ("train", "inference")
+    return [
+        *(run_spec(v, b, m, "cudnn", torch_sides) for v, b in sizes for m in modes),
+        *(run_spec("B/16", 512, m, "cudnn") for m in modes),
+        *(run_spec("B/16", 256, m, "cudnn", xla_gpu_enable_triton_gemm=False) for m in modes),
+        *(run_spec(v, b, m, "xla") for v, b in sizes for m in modes),
     ]
-    for variant, batch in (("B/16", 256), ("L/16", 128)):
-        for mode in ("train", "inference"):
-            runs.append(dict(variant=variant, batch=batch, mode=mode, attention="xla", compare=[]))
-    return runs
 
 
 def best_mfu(runs: list[dict]) -> dict[str, dict]:

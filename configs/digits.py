@@ -12,7 +12,7 @@ the training time: ~1.5 min on this 2-core machine (`Training time: ...`, compil
 on any process count), 8 steps run per dispatch (`steps_per_dispatch`), and on CPU train.py exposes
 one device per core (`cpu_devices`, auto): ~650 train img/s here, 1.4x a bare jitted loop of the
 same step (`python -m vit_jax.benchmark --trainer`). The result depends on the device count (float
-sums in another order): `--config.cpu_devices=1` gave 98.33%, `=4` 98.61%; `=2` reproduces the
+sums in another order): `--config.cpu_devices=1` gave 98.33%, `=4` and `=8` 98.61%; `=2` reproduces the
 figure above on a machine with more cores.
 
 The data are scikit-learn's 1,797 real handwritten digits (1,437 train / 360 test, stratified),

@@ -5,6 +5,7 @@
                               before the training loop becomes one line and status 130.
   quiet_logs(verbose)         hides the libraries' start-up chatter (TensorFlow's C++ banner, TFDS
                               deprecations, Orbax and JAX INFO/WARNING records) unless `verbose`.
+  parse_value(text)           a NAME=VALUE value: its Python literal, else the bare string.
   absl_flags_parser           absl's parser, with --help/--helpshort/--helpfull exiting 0, and an
                               unknown or malformed flag as one FATAL line (status 2, as argparse).
 
@@ -16,6 +17,7 @@ Exit statuses (documented in the README, "When things go wrong"):
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import logging
 import os
@@ -23,6 +25,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -35,6 +38,15 @@ HELP_ARGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError, TimeoutError, FloatingPointError)
 
 _MAX_MESSAGE = 800  # a FATAL line stays one readable line even for a library's long message
+
+
+def parse_value(text: str) -> Any:
+    """The value of a `NAME=VALUE` command-line item: 4, 1e-6, True, None, (384, 384), or a bare
+    string such as gap."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def fatal_line(error: BaseException) -> str:

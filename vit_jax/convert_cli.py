@@ -6,19 +6,12 @@ Imports the library only when it runs, so `vit_jax.convert` can re-export `main`
 
 from __future__ import annotations
 
-import ast
 import shlex
 from typing import Any
 
 from vit_jax import cli, progress
+from vit_jax.cli import parse_value
 from vit_jax.formats import REGISTRY
-
-
-def parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)  # 4, 1e-6, True, None, (384, 384)
-    except (ValueError, SyntaxError):
-        return text  # a bare string such as gap
 
 
 def set_flags(settings: dict[str, Any]) -> str:

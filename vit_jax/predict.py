@@ -251,10 +251,7 @@ def _parse_overrides(parser: argparse.ArgumentParser, items: Sequence[str]) -> d
         field, sep, text = item.partition("=")
         if not sep:
             parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            overrides[field] = ast.literal_eval(text)  # 4, 1e-6, True, (384, 384)
-        except (ValueError, SyntaxError):
-            overrides[field] = text  # a bare string such as gap
+        overrides[field] = cli.parse_value(text)
     return overrides
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vit_jax import models
+from vit_jax import cli, models
 from vit_jax import sharding as sharding_lib
 from vit_jax import train_step as train_step_lib
 from vit_jax.model_config import ViTConfig
@@ -27,11 +27,11 @@ MODES = ("train", "inference")
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def parse_compiler_options(items: list[str]) -> dict[str, bool | int | float | str]:
+def parse_compiler_options(items: list[str]) -> dict[str, Any]:
     """`["xla_gpu_enable_triton_gemm=false", ...]` → XLA compile options for `Lowered.compile`
     (one compilation only, unlike XLA_FLAGS); values typed as XLA wants them: bool, int, float or
     string. Each option is checked against XLA by compiling a trivial program, before any model."""
-    options: dict[str, bool | int | float | str] = {}
+    options: dict[str, Any] = {}
     for item in items:
         name, sep, text = item.partition("=")
         if not sep or not name.strip():
@@ -45,15 +45,10 @@ def parse_compiler_options(items: list[str]) -> dict[str, bool | int | float | s
     return options
 
 
-def _typed(text: str) -> bool | int | float | str:
-    if text.lower() in ("true", "false"):
+def _typed(text: str) -> Any:
+    if text.lower() in ("true", "false"):  # XLA_FLAGS' spelling of booleans
         return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    return cli.parse_value(text)
 
 
 @dataclasses.dataclass

@@ -29,11 +29,11 @@ def forward_flops(model: models.VisionTransformer, params_shapes) -> float | Non
 
 
 def print_dry_run(config: ml_collections.ConfigDict) -> None:
-    from vit_jax import trainer  # (the trainer's own resolution of length and batch)
+    from vit_jax import input_pipeline  # TensorFlow loads only when a dry run needs data
 
     config_checks.validate_training(config)
-    data = trainer._get_datasets(config)
-    total_steps = trainer.total_steps_of(config, data.num_train_examples)
+    data = input_pipeline.get_datasets(config)
+    total_steps = config_checks.total_steps_of(config, data.num_train_examples)
     model_config = train_state.model_config_for(
         config, data.num_classes, num_channels=data.image_shape[-1]
     )

@@ -38,16 +38,39 @@ def test_auto_resolves_per_backend():
     assert layers.resolve_attention_impl(cfg.replace(attention_impl="xla"), "cpu") == "xla"
 
 
-def test_padded_attention_equals_unpadded_in_values_and_gradients():
-    q, k, v = (jax.random.normal(jax.random.key(i), (2, 197, 3, 16)) for i in range(3))
+@pytest.mark.parametrize(
+    "q_tokens, kv_tokens, multiple",
+    [(197, 197, 64), (197, 197, 2), (1, 197, 2), (1, 6, 2), (5, 8, 4)],  # (1, T): MAP's probe
+)
+def test_padded_attention_equals_unpadded_in_values_and_gradients(q_tokens, kv_tokens, multiple):
+    q = jax.random.normal(jax.random.key(0), (2, q_tokens, 3, 16))
+    k, v = (jax.random.normal(jax.random.key(i), (2, kv_tokens, 3, 16)) for i in (1, 2))
 
     def grads(fn):
         return jax.grad(lambda *x: jnp.sum(jnp.sin(fn(*x))), argnums=(0, 1, 2))(q, k, v)
 
-    padded = lambda *x: layers.padded_dot_product_attention(*x, 64, "xla")  # noqa: E731
+    padded = lambda *x: layers.padded_dot_product_attention(*x, multiple, "xla")  # noqa: E731
     np.testing.assert_allclose(padded(q, k, v), jax.nn.dot_product_attention(q, k, v), atol=1e-5)
     for a, b in zip(grads(padded), grads(jax.nn.dot_product_attention)):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["token", "map"])  # 17 tokens (padded); 16 + MAP's 1-token probe
+def test_cudnn_route_gives_the_reference_logits(monkeypatch, pool):
+    """The layer's cuDNN branch (padding; self- and MAP's cross-attention), with XLA's kernel standing
+    in for cuDNN's, which CPU lacks."""
+    reference = models.create_model(None, attention_impl="einsum", pool=pool, **TINY)
+    params = random_params(reference)
+    ref_logits = reference.apply({"params": params}, IMAGES)
+    padded = layers.padded_dot_product_attention
+    monkeypatch.setattr(layers, "resolve_attention_impl", lambda cfg, backend=None: "cudnn")
+    monkeypatch.setattr(
+        layers, "padded_dot_product_attention", lambda q, k, v, m, impl: padded(q, k, v, m, "xla")
+    )
+    logits = models.create_model(None, attention_impl="cudnn", pool=pool, **TINY).apply(
+        {"params": params}, IMAGES
+    )
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
 
 
 def test_tanh_gelu_in_sigmoid_form_is_flax_tanh_gelu():

@@ -92,24 +92,26 @@ CUDNN_SEQ_MULTIPLE = 2
 def padded_dot_product_attention(
     q: Array, k: Array, v: Array, multiple: int, implementation: str | None
 ) -> Array:
-    """`jax.nn.dot_product_attention` over (B, T, heads, d) inputs padded to a multiple of
-    `multiple` tokens; the same values as unpadded attention (padded keys are masked out)."""
-    batch, tokens = q.shape[0], q.shape[1]
-    pad = -tokens % multiple
-    if pad == 0:
+    """`jax.nn.dot_product_attention` over (B, T, heads, d) inputs, queries and keys each padded to a
+    multiple of `multiple` tokens; the same values as unpadded attention (padded keys are masked out,
+    padded queries dropped). Queries and keys may differ in length (MAP's one probe over T tokens)."""
+    batch, q_tokens, kv_tokens = q.shape[0], q.shape[1], k.shape[1]
+    q_pad, kv_pad = -q_tokens % multiple, -kv_tokens % multiple
+    if q_pad == kv_pad == 0:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
-    lengths = jnp.full((batch,), tokens, jnp.int32)
+
+    def pad(x, extra):
+        return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
+
     y = jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        query_seq_lengths=lengths,
-        key_value_seq_lengths=lengths,
+        pad(q, q_pad),
+        pad(k, kv_pad),
+        pad(v, kv_pad),
+        query_seq_lengths=jnp.full((batch,), q_tokens, jnp.int32),
+        key_value_seq_lengths=jnp.full((batch,), kv_tokens, jnp.int32),
         implementation=implementation,
     )
-    return y[:, :tokens]
+    return y[:, :q_tokens]
 
 
 class _ProjectionParams(nn.Module):

@@ -3,7 +3,8 @@
 The same config and seed must give the same run on any topology: the per-step losses and final
 params of 2 processes x 2 devices equal those of 1 process x 4 devices; a checkpoint written by
 either resumes on the other and ends where the uninterrupted run ends; a SIGTERM to one process
-stops both at the same step with a checkpoint. Every child is bounded by a timeout and killed in
+stops both at the same step with a checkpoint (also with several steps per dispatch); a damaged
+checkpoint and `--restart` are handled once, by process 0, with the other process waiting for it. Every child is bounded by a timeout and killed in
 `finally` (only the PIDs started here); ports are picked free at run time.
 """
 
@@ -247,8 +248,48 @@ def test_checkpoint_resumes_on_another_process_count(
     assert_same_params(final_params(resumed), final_params(one))
 
 
+def test_a_damaged_checkpoint_is_moved_aside_once_and_both_resume_from_the_previous_one(
+    reference_runs, digits_data_dir, compile_cache
+):
+    tmp, one, two = reference_runs
+    damaged = tmp / "damaged"
+    shutil.copytree(two, damaged)
+    record = damaged / "checkpoints" / str(STEPS) / "integrity" / "metadata"
+    data = json.loads(record.read_text())
+    data["arrays"][sorted(data["arrays"])[0]] = "deadbeef"  # garbled bytes that load silently
+    record.write_text(json.dumps(data))
+    run(tmp, damaged.name, 2, 2, digits_data_dir, compile_cache, [f"--config.total_steps={STEPS}"])
+    log = (tmp / "damaged.0.log").read_text()
+    assert f"WARNING checkpoint step {STEPS} in" in log and "is damaged" in log
+    assert "Resuming from the checkpoint of step 3" in log
+    assert (damaged / checkpoints.DAMAGED_DIR / str(STEPS) / "integrity").is_dir()
+    assert checkpoints.TrainCheckpoints(damaged / "checkpoints").all_steps() == [3, STEPS]
+    assert_same_params(final_params(damaged), final_params(one))
+
+
+def test_restart_moves_the_previous_run_aside_before_any_process_reads_it(
+    reference_runs, digits_data_dir, compile_cache
+):
+    tmp, _, two = reference_runs
+    restarted = tmp / "restarted"
+    shutil.copytree(two, restarted)
+    extra = ["--restart", "--config.seed=1", f"--config.total_steps={STEPS}"]
+    run(tmp, restarted.name, 2, 2, digits_data_dir, compile_cache, extra)
+    log = (tmp / "restarted.0.log").read_text()
+    assert f"was moved to {restarted / 'previous-1'}" in log
+    assert "Resuming" not in log  # a fresh run from step 0
+    assert sorted(train_losses(restarted)) == list(range(1, STEPS + 1))
+    assert train_losses(restarted) != train_losses(two)  # seed 1, not the old run's curve
+    old = checkpoints.TrainCheckpoints(restarted / "previous-1" / "checkpoints").all_steps()
+    assert old == [3, STEPS]
+
+
+@pytest.mark.parametrize(
+    "steps_per_dispatch, log_every",
+    [(1, 1), (8, 50)],  # (8, 50): mostly 8-step dispatches
+)
 def test_sigterm_to_one_process_stops_both_at_the_same_step(
-    tmp_path, digits_data_dir, compile_cache
+    tmp_path, digits_data_dir, compile_cache, steps_per_dispatch, log_every
 ):
     workdir = tmp_path / "preempted"
     r = Run(
@@ -257,7 +298,12 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(
         2,
         digits_data_dir,
         compile_cache,
-        ["--config.total_steps=100000", "--config.checkpoint_every_steps=0"],
+        [
+            "--config.total_steps=100000",
+            "--config.checkpoint_every_steps=0",
+            f"--config.steps_per_dispatch={steps_per_dispatch}",
+            f"--config.log_every_steps={log_every}",
+        ],
     )
     try:
         deadline = time.monotonic() + TIMEOUT_S

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from vit_jax import integrity
+from vit_jax import distributed, integrity
 from vit_jax.model_config import ViTConfig
 
 ITEMS = ("state", "model_config", "preprocessing", "data_state", "integrity")
@@ -177,13 +177,20 @@ class TrainCheckpoints:
         steps = sorted(self.all_steps(), reverse=True)
         for step in steps:
             try:
-                return self._restore_verified(abstract_state, step)
+                restored, error = self._restore_verified(abstract_state, step), None
             except Exception as e:  # noqa: BLE001  (any failure to read a step means: damaged)
-                moved = self._move_aside(step)
-                warn(
-                    f"WARNING checkpoint step {step} in {self.directory} is damaged "
-                    f"({integrity.short_reason(e)}); moved to {moved}, trying the previous one"
-                )
+                restored, error = None, e
+            # Several processes each read their own shards: one bad read makes the step damaged
+            # for all, so that they resume from the same step.
+            damaged_on = distributed.processes_where(error is not None)
+            if not damaged_on:
+                return restored
+            reason = integrity.short_reason(error) if error else f"read by process(es) {damaged_on}"
+            moved = self._move_aside(step)
+            warn(
+                f"WARNING checkpoint step {step} in {self.directory} is damaged "
+                f"({reason}); moved to {moved}, trying the previous one"
+            )
         if steps:
             raise DamagedCheckpointError(
                 f"every checkpoint in {self.directory} is damaged (steps {steps}, now in "
@@ -191,15 +198,21 @@ class TrainCheckpoints:
             )
         return None
 
-    def _move_aside(self, step: int) -> epath.Path:
-        target_root = self.directory.parent / DAMAGED_DIR
-        target_root.mkdir(parents=True, exist_ok=True)
-        target = target_root / str(step)
-        if target.exists():
-            target = target_root / f"{step}.{len(list(target_root.iterdir()))}"
-        (self.directory / str(step)).rename(target)
+    def _move_aside(self, step: int) -> str:
+        """Moves the step into checkpoints-damaged/ (process 0 alone; the others wait for it)."""
+
+        def move() -> epath.Path:
+            target_root = self.directory.parent / DAMAGED_DIR
+            target_root.mkdir(parents=True, exist_ok=True)
+            target = target_root / str(step)
+            if target.exists():
+                target = target_root / f"{step}.{len(list(target_root.iterdir()))}"
+            (self.directory / str(step)).rename(target)
+            return target
+
+        moved = distributed.on_process_0(f"moving checkpoint step {step} aside", move)
         self._manager.reload()
-        return target
+        return moved
 
     def wait(self) -> None:
         """Blocks until every started save is committed; raises CheckpointWriteError if one failed."""

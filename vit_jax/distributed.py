@@ -13,6 +13,8 @@ otherwise train alone, write over the others' files, and nobody would notice.
 
 `check_same_config` and `check_shared_workdir` are the start-up checks every multi-process run
 does before touching its workdir (the trainer calls them); `describe(mesh)` is the first log line.
+`on_process_0` runs file-system work that must happen once (moving a run or a damaged checkpoint
+aside) with the other processes waiting for it, and `processes_where` lets them agree on a verdict.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -270,6 +273,42 @@ def barrier(name: str, timeout_s: int = 600) -> None:
     client = jax_distributed.global_state.client
     if client is not None:
         client.wait_at_barrier(f"vit_jax:{name}", timeout_in_ms=timeout_s * 1000)
+
+
+def on_process_0(name: str, action: Callable[[], object], timeout_s: int = 600) -> str:
+    """Runs `action` on process 0 alone; every process returns `str` of its result once it is done.
+
+    The others wait for it (through the coordination service's key-value store, so no 30 s gloo
+    limit), then go on; if it failed there, they raise DistributedError carrying process 0's error
+    instead of racing ahead on a half-changed workdir or waiting at a later collective forever.
+    `name` must be unique within the run.
+    """
+    if jax.process_count() == 1:
+        return str(action())
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    key = f"vit_jax:{name}"
+    if jax.process_index() == 0:
+        try:
+            result = str(action())
+        except BaseException as e:
+            client.key_value_set(key, f"error:{type(e).__name__}: {e}", allow_overwrite=True)
+            raise
+        client.key_value_set(key, f"ok:{result}", allow_overwrite=True)
+        return result
+    status, _, text = client.blocking_key_value_get(key, timeout_s * 1000).partition(":")
+    if status != "ok":
+        raise DistributedError(f"{name} failed on process 0 ({text}); this process stops as well")
+    return text
+
+
+def processes_where(flag: bool) -> list[int]:
+    """The indices of the processes whose `flag` is true (a collective: every process calls it)."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    flags = _allgather(np.asarray([int(flag)], np.int32))[:, 0]
+    return [i for i, f in enumerate(flags) if f]
 
 
 def describe(mesh: jax.sharding.Mesh) -> str:

@@ -60,7 +60,12 @@ class StopSignals:
                     flush=True,
                 )
 
-    def should_stop(self, step: int) -> bool:
+    def should_stop(self, step: int, steps_done: int = 1) -> bool:
+        """Whether to stop after `step`, the last of `steps_done` steps just run in one dispatch.
+
+        JAX's sync service names one step to stop at and must be asked at every step, so each step
+        of the dispatch is asked about; every process runs the same dispatches, so all of them stop
+        at the end of the same one."""
         if self.received is not None:
             return True
         if not self._multihost:
@@ -68,9 +73,10 @@ class StopSignals:
         from jax.experimental import multihost_utils
 
         try:
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.received = "SIGTERM"
-                return True
+            for done in range(step - steps_done + 1, step + 1):
+                if multihost_utils.reached_preemption_sync_point(done):
+                    self.received = "SIGTERM"
+                    return True
         except RuntimeError:  # no preemption service: SIGTERM just ends the processes
             pass
         return False

@@ -124,7 +124,9 @@ def train_and_evaluate(
     )
     train_state.log_sharding(shapes, shardings, mesh)
 
-    owner.claim()
+    # Process 0 locks the workdir (and with --restart moves the old run aside); the others must not
+    # look at its checkpoints before that is done.
+    distributed.on_process_0("claiming the workdir", owner.claim)
     try:
         if owner.moved_to:
             metrics.log(f"--restart: the previous run in {workdir} was moved to {owner.moved_to}")
@@ -226,7 +228,7 @@ def train_and_evaluate(
                     writer.write(step, "train", {**scalars, **throughput})
                 if config.eval_every_steps and step % config.eval_every_steps == 0:
                     eval_results = run_eval(step)
-                if stop.should_stop(step):  # SIGTERM / Ctrl-C: the step is done; save it
+                if stop.should_stop(step, size):  # SIGTERM / Ctrl-C: the step is done; save it
                     if jax.process_count() > 1:  # every process says where it stopped
                         logging.warning("Process %d stops at step %d", jax.process_index(), step)
                     save(step)

@@ -74,8 +74,9 @@ Devices:
   fsdp_min_size         see above, in elements.
   cpu_devices           CPU only: how many devices XLA's CPU platform exposes (train.py sets it
                         before JAX starts). 0 = one per core, lowered to the largest count that
-                        divides the micro-batch and eval batch, on the default mesh (a small
-                        model's step keeps both cores busy: digits 478 → 646 img/s on 2 cores);
+                        divides the micro-batch and eval batch and is a multiple of the mesh's
+                        fixed axes (a mesh without -1 gets its own count) (a small model's step
+                        keeps both cores busy: digits 478 → 646 img/s on 2 cores);
                         XLA_FLAGS=--xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES win.
   sharding_rules        ((regex, spec), ...) over parameter paths, first match wins; spec 'fsdp'
                         (the default above), 'replicate', or a PartitionSpec tuple such as

@@ -30,14 +30,11 @@ def tiny_config_path(tmp_path_factory) -> str:
 def tiny_workdir(tmp_path_factory, tiny_config_path, digits_data_dir) -> str:
     """One tiny trained workdir (checkpoints at steps 2 and 3), trained in-process once per
     session; tests copy it (`shutil.copytree`) before changing anything in it."""
-    import importlib.util
+    from helpers import load_config
 
     from vit_jax import trainer
 
-    spec = importlib.util.spec_from_file_location("tiny_train_config", tiny_config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(tiny_config_path)
     config.data_dir = digits_data_dir
     workdir = str(tmp_path_factory.mktemp("tiny_run") / "workdir")
     trainer.train_and_evaluate(config, workdir)

@@ -56,6 +56,16 @@ def run_with_devices(code: str, devices: int = 8, timeout: int = 300) -> str:
     return result.stdout
 
 
+def load_config(path: str):
+    """`get_config()` of the config file at `path` (a fresh ConfigDict per call)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def tiny_config_source(eval_batch_size: int, total_steps: int, checkpoint_every: int) -> str:
     """A config file for an 11k-parameter ViT on digits at 16 px (what `train.py --config` reads)."""
     return f"""

@@ -89,7 +89,11 @@ def _devices_config(**fields):
         (dict(batch_size=64, eval_batch_size=360), 16, 8),  # 360 is not a multiple of 16
         (dict(batch_size=64, accum_steps=8, eval_batch_size=64), 16, 8),  # micro-batch of 8
         (dict(batch_size=63, eval_batch_size=63), 2, 1),
-        (dict(batch_size=64, mesh=dict(data=2, fsdp=1)), 8, 1),  # an explicit mesh: left alone
+        (dict(batch_size=64, mesh=dict(data=2, fsdp=1)), 8, 2),  # a fixed mesh: its own count
+        (dict(batch_size=64, mesh=dict(data=3, fsdp=1)), 2, 3),  # (its batch check names 64 / 3)
+        (dict(batch_size=64, eval_batch_size=360, mesh=dict(data=-1, fsdp=2)), 2, 2),
+        (dict(batch_size=64, eval_batch_size=360, mesh=dict(data=-1, fsdp=2)), 16, 8),
+        (dict(batch_size=64, eval_batch_size=360, mesh=dict(data=-1, fsdp=4)), 2, 4),
         (dict(batch_size=64, cpu_devices=3), 2, 3),  # asked for: as given
     ],
 )

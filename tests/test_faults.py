@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_config
 
 from vit_jax import checkpoints, loss_watch, metrics, workdir
 from vit_jax.model_config import ViTConfig
@@ -330,6 +331,51 @@ def test_restart_moves_the_previous_run_aside(tiny_workdir, tmp_path):
     assert (work / "previous-1" / "config.json").is_file()
 
 
+def _listing(root) -> dict[str, int]:
+    """Every file below `root` with its size; the lock file aside (it names its last holder)."""
+    root = pathlib.Path(root)
+    return {
+        str(p.relative_to(root)): p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_a_restart_refused_after_the_move_puts_the_previous_run_back(
+    tiny_workdir, tiny_config_path, digits_data_dir, tmp_path
+):
+    from vit_jax import trainer
+
+    work = tmp_path / "w"
+    shutil.copytree(tiny_workdir, work)
+    before = _listing(work)
+    config = load_config(tiny_config_path)
+    config.data_dir = digits_data_dir
+    config.init_from = str(tmp_path / "missing.npz")  # found missing only after the move
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        trainer.train_and_evaluate(config, str(work), restart=True)
+    assert _listing(work) == before
+    assert not (work / "previous-1").exists()
+
+
+def test_a_folder_whose_config_json_no_trainer_wrote_is_not_a_workdir(
+    tiny_config_path, digits_data_dir, tmp_path
+):
+    from vit_jax import trainer
+
+    export = tmp_path / "hf_export"  # what `convert --to hf` writes
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
+    (export / "model.safetensors").write_bytes(b"weights")
+    before = _listing(export)
+    config = load_config(tiny_config_path)
+    config.data_dir = digits_data_dir
+    for restart in (False, True):
+        with pytest.raises(workdir.WorkdirConflictError, match="is not a training config"):
+            trainer.train_and_evaluate(config, str(export), restart=restart)
+    assert _listing(export) == before and not (export / ".lock").exists()
+
+
 # --- Validation of image folders ----------------------------------------------------------------
 
 
@@ -398,17 +444,27 @@ def test_help_exits_0_and_lists_what_matters(argv, names, tmp_path):
 def test_dry_run_prints_config_and_model_and_touches_nothing(
     tiny_config_path, digits_data_dir, capsys
 ):
-    import importlib.util
-
     from vit_jax import summary
 
-    spec = importlib.util.spec_from_file_location("tiny_dry", tiny_config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(tiny_config_path)
     config.data_dir = digits_data_dir
     summary.print_dry_run(config)
     out = capsys.readouterr().out
     assert '"batch_size": 32' in out
     assert "parameters: 11,082" in out and "tokens per image: 17" in out
     assert "GFLOPs per image" in out and "nothing was trained or written" in out
+    assert f"on mesh {{'data': {jax.device_count()}, 'fsdp': 1}}" in out
+
+
+def test_dry_run_checks_the_mesh_and_downloads_nothing(tiny_config_path, tmp_path, capsys):
+    from vit_jax import summary
+
+    config = load_config(tiny_config_path)
+    config.mesh.data = jax.device_count() + 1
+    with pytest.raises(ValueError, match=f"needs {jax.device_count() + 1} devices"):
+        summary.print_dry_run(config)
+    config = load_config(tiny_config_path)
+    config.dataset, config.data_dir = "cifar10", str(tmp_path)  # not prepared there
+    with pytest.raises(FileNotFoundError, match="'cifar10' is not prepared.*does not download"):
+        summary.print_dry_run(config)
+    assert list(tmp_path.iterdir()) == [] and "nothing was" not in capsys.readouterr().out

@@ -377,6 +377,16 @@ def test_bad_config_raises_a_value_error_naming_it(kwargs, message):
         vit_jax.create_model(variant, **({**TINY, **kwargs} if variant is None else kwargs))
 
 
+def test_a_size_is_an_int_a_pair_or_a_one_element_sequence():
+    # (8,) is what ml_collections makes of `--config.model.patch_size=8` for a tuple field.
+    for given in (8, (8, 8), [8], (8,)):
+        assert models.get_config(None, **{**TINY, "patch_size": given}).patch_size == (8, 8)
+    assert models.get_config(None, **{**TINY, "image_size": (16, 32)}).image_size == (16, 32)
+    for bad in ((8, 8, 8), (), (0, 8), (8.0, 8)):
+        with pytest.raises(ValueError, match=r"patch_size=.*expected a positive int or a"):
+            models.get_config(None, **{**TINY, "patch_size": bad})
+
+
 def test_wrong_image_shape_at_apply_time_is_named():
     model = tiny()
     params = models.init_params(model, jax.random.key(0))

@@ -207,8 +207,18 @@ def absl_flags_parser(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"FATAL {' '.join(str(e).split())} (--help lists the flags)", file=sys.stderr)
+        print(f"FATAL {_without_traceback(str(e))} (--help lists the flags)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+
+
+def _without_traceback(message: str) -> str:
+    """One line: a message that embeds a traceback (a config file's get_config failing, as
+    ml_collections reports it) keeps its text before the traceback and the final error line."""
+    head, marker, rest = message.partition("Traceback (most recent call last):")
+    if marker:
+        lines = [line for line in rest.splitlines() if line.strip()]
+        message = f"{head} {lines[-1] if lines else ''}"
+    return " ".join(message.split())
 
 
 def _package_flags_help(flag_values) -> str:

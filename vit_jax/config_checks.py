@@ -90,6 +90,13 @@ def validate_training(config) -> None:
     for field in ("fsdp_min_size", "prefetch_to_device"):
         value = config[field]
         _require(_int(value) and value >= 0, field, value, "must be an int >= 0")
+    per_dispatch = config.get("steps_per_dispatch", 1)
+    _require(
+        _int(per_dispatch) and per_dispatch >= 1,
+        "steps_per_dispatch",
+        per_dispatch,
+        "must be an int >= 1 (1 = one step per call)",
+    )
 
 
 def total_steps_of(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

@@ -20,6 +20,7 @@ aside) with the other processes waiting for it, and `processes_where` lets them 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 import time
@@ -89,18 +90,24 @@ def cpu_device_count(requested: int, batch_sizes: list[int], cores: int) -> int:
 
 
 def config_cpu_devices(config, cores: int) -> int:
-    """`cpu_device_count` for a training config: its micro-batch and eval batch on the default mesh
-    (one axis -1, the other 1); an explicit mesh names its own device count (auto: 1)."""
+    """`cpu_device_count` for a training config: its micro-batch and eval batch over the mesh.
+
+    Auto (0) on a mesh with a -1 axis: one device per core, a multiple of the other axes' sizes
+    (`mesh.fsdp=2` on 2 cores: 2 devices); a mesh of fixed sizes names its own count."""
     requested = config.get("cpu_devices", 0)
-    sizes = sorted(int(v) for v in dict(config.mesh).values())
-    if not requested and (sizes[0] != -1 or any(v != 1 for v in sizes[1:])):
-        return 1
+    sizes = [int(v) for v in dict(config.mesh).values()]
+    fixed = math.prod(v for v in sizes if v > 0)
     micro_batch = config.batch_size // max(config.accum_steps, 1)
     batches = [micro_batch] + ([config.eval_batch_size] if config.get("eval_batch_size") else [])
-    try:
-        return cpu_device_count(requested, batches, cores)
-    except ValueError as e:
-        raise ValueError(f"config.{e}") from None
+    if requested:
+        try:
+            return cpu_device_count(requested, batches, cores)
+        except ValueError as e:
+            raise ValueError(f"config.{e}") from None
+    if -1 not in sizes:
+        return fixed
+    counts = range(fixed, max(cores, fixed) + 1, fixed)
+    return max((d for d in counts if all(b % d == 0 for b in batches)), default=fixed)
 
 
 def cores() -> int:

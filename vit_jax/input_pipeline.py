@@ -90,13 +90,20 @@ def default_data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(DATA_DEFAULTS, pp=dict(PREPROCESSING_DEFAULTS)))
 
 
-def get_datasets(config, process_index: int | None = None, process_count: int | None = None):
-    """Validates `config`, opens (preparing if needed) the dataset, returns its `Data`."""
+def get_datasets(
+    config,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    *,
+    prepare: bool = True,
+):
+    """Validates `config`, opens the dataset (downloading and preparing it if needed and `prepare`;
+    else an unprepared one is an error), returns its `Data`."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     config = _with_defaults(config)
     validate_config(config, process_index, process_count)
-    builder = sources.open_builder(config)
+    builder = sources.open_builder(config, prepare=prepare)
     validate_dataset(builder, config)
     return Data(config, builder, process_index, process_count)
 

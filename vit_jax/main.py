@@ -87,6 +87,7 @@ flags.declare_key_flag("verbose")
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (help exits 0), with one clear line for a --config.<key> the config
     does not have and for a config file that does not load."""
+    given = list(argv)
     try:
         argv = cli.absl_flags_parser(argv)
     except (AttributeError, KeyError) as e:
@@ -105,19 +106,42 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except Exception as e:  # noqa: BLE001  (a config file that does not import or run)
         if "--verbose" in argv:
             raise
+        if isinstance(e, OSError) and "earlier failure to load" in str(e):
+            _no_such_config(argv)
         print(f"FATAL the config file does not load: {cli.fatal_line(e)[6:]}", file=sys.stderr)
         sys.exit(cli.EXIT_USAGE)
-    missing = [name for name in ("config", "workdir") if flags.FLAGS[name].value is None]
+    # An empty value (an unset shell variable) is as missing as none: "" would mean the cwd.
+    missing = [name for name in ("config", "workdir") if not flags.FLAGS[name].value]
     if missing and not flags.FLAGS.dry_run:
         print(
-            f"FATAL missing {' and '.join('--' + m for m in missing)} (--help lists the flags)",
+            f"FATAL missing or empty {' and '.join('--' + m for m in missing)} (--help lists the "
+            f"flags)",
             file=sys.stderr,
         )
         sys.exit(cli.EXIT_USAGE)
-    if flags.FLAGS.config is None:
+    if not flags.FLAGS["config"].value:
         print("FATAL missing --config (--help lists the flags)", file=sys.stderr)
         sys.exit(cli.EXIT_USAGE)
+    if type(flags.FLAGS["config"].value).__name__ == "_ErrorConfig":  # ml_collections: not found
+        _no_such_config(given)
     return argv
+
+
+def _no_such_config(argv: list[str]) -> None:
+    values = [
+        v if a in ("--config", "-config") else a.partition("=")[2]
+        for a, v in zip(argv, [*argv[1:], ""])
+        if a in ("--config", "-config") or a.startswith(("--config=", "-config="))
+    ]
+    given = values[-1] if values else ""  # absl's: the last one
+    recipes = sorted(p.stem for p in (_configs_dir() or pathlib.Path()).glob("[a-z]*.py"))
+    print(
+        f"FATAL --config {given}: no such config file; give a recipe name ("
+        f"{', '.join(r for r in recipes if r != 'common')}) or the path of a .py file with "
+        f"get_config()",
+        file=sys.stderr,
+    )
+    sys.exit(cli.EXIT_USAGE)
 
 
 def _configs_dir() -> pathlib.Path | None:

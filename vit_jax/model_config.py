@@ -52,6 +52,8 @@ def _pair(value: Any, name: str) -> tuple[int, int]:
     if isinstance(value, int):
         value = (value, value)
     value = tuple(value)
+    if len(value) == 1:  # ml_collections reads `--config.model.patch_size=8` into a tuple as (8,)
+        value = value * 2
     if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
         raise ValueError(
             f"{name}={value!r}: expected a positive int or a (height, width) pair of them"

@@ -4,7 +4,7 @@ Prints the config as the run would save it (config.json), then one block for the
 ViTConfig, parameter count, tokens per image and FLOPs per image (forward, from XLA's cost
 analysis of the compiled model), and the run's length and batch. It runs every check a real start
 runs before touching the workdir, so a config that passes here starts (the workdir's own checks
-aside).
+aside). It downloads nothing: a TFDS dataset not yet prepared is named instead.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import jax
 import ml_collections
 
-from vit_jax import config_checks, models, optim, train_state
+from vit_jax import config_checks, models, optim, sharding, train_state
 
 
 def forward_flops(model: models.VisionTransformer, params_shapes) -> float | None:
@@ -32,7 +32,9 @@ def print_dry_run(config: ml_collections.ConfigDict) -> None:
     from vit_jax import input_pipeline  # TensorFlow loads only when a dry run needs data
 
     config_checks.validate_training(config)
-    data = input_pipeline.get_datasets(config)
+    mesh = sharding.make_mesh(config.mesh)
+    config_checks.check_batch_sizes(config, mesh)
+    data = input_pipeline.get_datasets(config, prepare=False)
     total_steps = config_checks.total_steps_of(config, data.num_train_examples)
     model_config = train_state.model_config_for(
         config, data.num_classes, num_channels=data.image_shape[-1]
@@ -53,6 +55,7 @@ def print_dry_run(config: ml_collections.ConfigDict) -> None:
     print(
         f"run: {total_steps} steps of {config.batch_size} examples "
         f"({total_steps * config.batch_size / data.num_train_examples:.1f} epochs of "
-        f"{data.num_train_examples:,} examples, {data.num_classes} classes)"
+        f"{data.num_train_examples:,} examples, {data.num_classes} classes) on mesh "
+        f"{dict(mesh.shape)} of {jax.device_count()} {jax.default_backend()} device(s)"
     )
     print("dry run: nothing was trained or written.")

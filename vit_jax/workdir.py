@@ -8,7 +8,8 @@ A start goes through three stages (`trainer.train_and_evaluate` calls them in th
             the previous run aside to `<workdir>/previous-<n>/` (nothing is deleted).
   commit    `commit(config)`: writes config.json, once everything that can refuse has passed.
 A failure between claim and commit undoes the claim (`abandon()`): the lock file and a workdir that
-this start created are removed, so a refused start leaves the workdir as it was.
+this start created are removed and a run moved aside by `restart` is moved back, so a refused start
+leaves the workdir as it was.
 
 The lock is `fcntl.flock` on `<workdir>/.lock`: the kernel releases it when its process dies, so a
 killed trainer never leaves a stale lock; the file says which process holds it.
@@ -44,6 +45,8 @@ HARMLESS = (
     "init_from",  # a resumed run starts from its own checkpoint, never from init_from
 )
 LENGTH = ("total_steps", "total_epochs")
+# Keys every config.json a trainer writes has (and an exported model's config.json has not).
+TRAINING_CONFIG_KEYS = frozenset({"dataset", "model", "optim", "batch_size"})
 MOVED_ASIDE = (
     "checkpoints",
     "checkpoints-damaged",
@@ -113,6 +116,7 @@ class Workdir:
         self.remote = "://" in self.path
         self._lock_file = None
         self._created: list[str] = []
+        self._moved: list[str] = []  # names moved into moved_to by this start's claim
         self.moved_to: str | None = None
 
     # -- checks (read only) -------------------------------------------------------------------
@@ -131,10 +135,13 @@ class Workdir:
 
     def check_config(self, config_json: str, total_steps: int, num_train_examples: int) -> None:
         """Refuses a config that would mix two runs, or a length ending before the checkpoint."""
-        if self.remote or self.restart:
+        if self.remote:
+            return
+        saved_path = os.path.join(self.path, "config.json")
+        self._check_config_json_is_a_run(saved_path)
+        if self.restart:
             return
         step = latest_checkpoint_step(self.path)
-        saved_path = os.path.join(self.path, "config.json")
         if step is None:
             return  # nothing trained here yet: the new config simply takes over
         ways = (
@@ -164,6 +171,23 @@ class Workdir:
                     f"workdir {self.path} holds a run (checkpoint at step {step}) with a different "
                     f"config: {'; '.join(differ)}. Resuming would mix two runs: {ways}"
                 )
+
+    def _check_config_json_is_a_run(self, saved_path: str) -> None:
+        """A config.json that no trainer wrote (an exported Hugging Face model, say) is never
+        overwritten, nor is its folder used: it is not a workdir."""
+        if not os.path.isfile(saved_path):
+            return
+        try:
+            saved = json.loads(pathlib.Path(saved_path).read_text())
+        except (OSError, ValueError):
+            return  # unreadable: named below when a run would resume from it
+        if not (isinstance(saved, dict) and saved.keys() >= TRAINING_CONFIG_KEYS):
+            keys = ", ".join(sorted(saved)[:5]) if isinstance(saved, dict) else type(saved).__name__
+            raise WorkdirConflictError(
+                f"{saved_path} is not a training config (it holds {keys}...; a workdir's has "
+                f"{', '.join(sorted(TRAINING_CONFIG_KEYS))}): {self.path} is not a workdir and "
+                f"nothing in it is overwritten; use another --workdir"
+            )
 
     # -- claim / commit / abandon -------------------------------------------------------------
 
@@ -219,9 +243,10 @@ class Workdir:
             n += 1
         target = os.path.join(self.path, f"previous-{n}")
         os.makedirs(target)
+        self.moved_to = target
         for name in present:
             os.rename(os.path.join(self.path, name), os.path.join(target, name))
-        self.moved_to = target
+            self._moved.append(name)
 
     def commit(self, config_json: str) -> None:
         """Writes config.json (atomically: a crash never leaves half a file)."""
@@ -237,10 +262,12 @@ class Workdir:
         with open(tmp, "w") as f:
             f.write(config_json)
         os.replace(tmp, os.path.join(self.path, "config.json"))
-        self._created = []  # committed: nothing to undo any more
+        self._created, self._moved = [], []  # committed: nothing to undo any more
 
     def abandon(self) -> None:
-        """Undoes `claim` after a refused start: removes what it created (if still empty)."""
+        """Undoes `claim` after a refused start: moves a run it moved aside back, then removes what
+        it created (only if still empty)."""
+        self._move_previous_run_back()
         self.release()
         for path in reversed(self._created):
             try:
@@ -251,6 +278,20 @@ class Workdir:
             except OSError:
                 pass
         self._created = []
+
+    def _move_previous_run_back(self) -> None:
+        if not self._moved:
+            return
+        for name in self._moved:
+            here = os.path.join(self.path, name)
+            try:
+                if os.path.isdir(here):
+                    os.rmdir(here)  # made by the refused start (e.g. an empty checkpoints/)
+                os.rename(os.path.join(self.moved_to, name), here)
+            except OSError:
+                return  # something new is in the way: the old run stays in moved_to, whole
+        os.rmdir(self.moved_to)
+        self._moved, self.moved_to = [], None
 
     def release(self) -> None:
         if self._lock_file is not None:

@@ -16,8 +16,9 @@ from vit_jax import progress
 from vit_jax.tfds_builders import image_folder_builder  # Also registers the `digits` builder.
 
 
-def open_builder(config) -> tfds.core.DatasetBuilder:
-    """The prepared TFDS builder for `config.dataset` (a TFDS name or an image folder)."""
+def open_builder(config, prepare: bool = True) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder for `config.dataset` (a TFDS name or an image folder); one not yet
+    prepared is downloaded and prepared, or with `prepare=False` (a dry run) refused."""
     data_dir = config.data_dir
     if data_dir is not None and not tf.io.gfile.isdir(data_dir):
         raise FileNotFoundError(
@@ -47,6 +48,12 @@ def open_builder(config) -> tfds.core.DatasetBuilder:
             "config.data_dir (`tfds build NAME --data_dir=DIR`, on a machine with network); or "
             "the path of an image folder laid out as <root>/<split>/<class_name>/*.jpg."
         ) from None
+    if not builder.is_prepared() and not prepare:
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}; a dry run does not "
+            f"download it (a real start does, or prepare it with `tfds build {name} "
+            f"--data_dir=DIR` and set config.data_dir=DIR)"
+        )
     if not builder.is_prepared():
         try:
             # TFDS's bars (downloads, examples, shuffling) only where ours would show.

@@ -3,26 +3,30 @@
 For every format in `vit_jax.formats.REGISTRY` and a set of models covering every option: saving
 either refuses, naming the format and the reason, and writes nothing; or the written files are
 detected as that format and load back with no overrides to the same config, params and input
-convention (our files describe themselves). Plus timm's own config.json and names, and the input
-conventions that timm and Hugging Face files carry.
+convention (our files describe themselves). Plus timm's own config.json and names, the input
+conventions that timm and Hugging Face files carry, and where a format may be written: nothing the
+user had is overwritten without `overwrite=True` / `--overwrite`, a suffix of another format is
+refused, missing parent folders are created, and no `.partial` file is ever left behind.
 """
 
 import json
+import math
+import os
 
 import jax
 import numpy as np
 import pytest
-from helpers import assert_params_identical
+from helpers import FIXTURES, assert_params_identical
 from safetensors.numpy import load_file, save_file
 
 import vit_jax
 from vit_jax import convert, formats, preprocessing, transfer
-from vit_jax.formats import layout, timm
+from vit_jax.formats import layout, timm, timm_config
 from vit_jax.formats.source import Source
 
 INTERFACE = (
     "NAME", "detect", "read", "to_ours", "from_ours", "unrepresentable", "side_config",
-    "required_hints", "files", "how_to_load",
+    "required_hints", "SUFFIXES", "outputs", "files", "how_to_load",
 )  # fmt: skip
 SMALL = dict(image_size=16, patch_size=4, hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2)
 # One model per group of options; together they cover every pooling, posemb, token and head option.
@@ -147,6 +151,19 @@ def test_timm_file_export_writes_its_config_beside_it(tmp_path):
     assert hub["architecture"] == "vit_base_patch16_224" and hub["model_args"]["embed_dim"] == 32
 
 
+def test_timm_mlp_ratio_builds_exactly_mlp_dim():
+    """timm builds the MLP as int(dim * mlp_ratio): the written ratio must never round below."""
+    assert int(352 * (960 / 352)) == 959  # the plain quotient, as it used to be written
+    for hidden in range(32, 1025, 32):
+        for mlp in range(16, 4097, 16):
+            ratio = timm_config.mlp_ratio(hidden, mlp)
+            assert int(hidden * ratio) == mlp, (hidden, mlp, ratio)
+            assert abs(ratio - mlp / hidden) <= 4 * math.ulp(mlp / hidden)  # the nearest such
+    config = vit_jax.get_config(**{**SMALL, "hidden_size": 352, "mlp_dim": 960, "num_heads": 4})
+    written = json.loads(json.dumps(timm.hub_config(config, PRE)))["model_args"]["mlp_ratio"]
+    assert int(352 * written) == 960  # survives the JSON round trip
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [  # facts from timm's model registry (timm/models/vision_transformer.py, deit.py)
@@ -218,3 +235,102 @@ def test_guessed_settings_are_warned(tmp_path, caplog):
 def test_layout_sincos_table_matches_the_model():
     config = vit_jax.get_config(**SMALL, pool="gap", posemb="sincos2d")
     assert layout.sincos_table(config).shape == (1, 16, 32)
+
+
+# --- Destinations: nothing overwritten, suffixes checked, parents created, no .partial left -------
+
+
+def save(path, fmt, **kwargs):
+    config, params = model("token_learned_tanh")
+    return vit_jax.save_pretrained(params, str(path), format=fmt, model=config, **kwargs)
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "fmt, name, kept, refusal",
+    [  # an unknown suffix (.txt) is allowed, but not over a file
+        ("npz", "notes.txt", "notes.txt", "notes.txt already exists"),
+        ("timm", "d.safetensors", "d.safetensors", "d.safetensors already exists"),
+        ("timm", "d.safetensors", "d.config.json", "d.config.json already exists"),  # beside it
+        ("timm", "hub", "hub/config.json", "hub is a folder that is not empty"),
+        ("hf", "hf", "hf/model.safetensors", "hf is a folder that is not empty"),
+    ],
+)
+def test_existing_destination_is_refused_unless_overwrite(fmt, name, kept, refusal, tmp_path):
+    (tmp_path / kept).parent.mkdir(exist_ok=True)
+    (tmp_path / kept).write_text("the user's own\n")
+    with pytest.raises(ValueError, match=f"{tmp_path}/{refusal}; refusing .*overwrite=True"):
+        save(tmp_path / name, fmt)
+    assert (tmp_path / kept).read_text() == "the user's own\n"
+    assert files_under(tmp_path) == sorted({kept, os.path.dirname(kept)} - {""})
+    save(tmp_path / name, fmt, overwrite=True)
+    assert convert.load_checkpoint(str(tmp_path / name)).config == model("token_learned_tanh")[0]
+
+
+@pytest.mark.parametrize("fmt", ["timm", "hf"])
+def test_an_empty_folder_is_written_into(fmt, tmp_path):
+    (tmp_path / "out").mkdir()
+    save(tmp_path / "out", fmt)
+    assert "model.safetensors" in files_under(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "fmt, name, message",
+    [
+        ("npz", "x.safetensors", "format 'npz' writes a .npz file, not a .safetensors file"),
+        ("npz", "x", "format 'npz' writes a .npz file, not a folder"),
+        (
+            "timm",
+            "x.npz",
+            "format 'timm' writes a .safetensors file or a folder .no suffix., not a",
+        ),
+        ("hf", "x.safetensors", "format 'hf' writes a folder .no suffix., not a .safetensors"),
+    ],
+)
+def test_suffix_of_another_format_is_refused(fmt, name, message, tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path / name}: {message}"):
+        save(tmp_path / name, fmt)
+    assert not list(tmp_path.iterdir())
+
+
+def test_folder_where_a_file_goes_is_refused_even_with_overwrite(tmp_path):
+    (tmp_path / "empty.npz").mkdir()
+    (tmp_path / "hf").write_text("a file\n")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty.npz'} is a folder; format 'npz'"):
+        save(tmp_path / "empty.npz", "npz", overwrite=True)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'hf'} is a file; format 'hf' writes a"):
+        save(tmp_path / "hf", "hf", overwrite=True)
+    assert files_under(tmp_path) == ["empty.npz", "hf"]
+
+
+@pytest.mark.parametrize("fmt, name", [("npz", "m.npz"), ("timm", "m.safetensors"), ("hf", "m")])
+def test_missing_parent_folders_are_created(fmt, name, tmp_path):
+    path = tmp_path / "new" / "deeper" / name
+    save(path, fmt)
+    assert convert.load_checkpoint(str(path)).config == model("token_learned_tanh")[0]
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save(tmp_path / "m.npz", "npz")
+    assert not list(tmp_path.iterdir())
+
+
+def test_command_line_refuses_an_existing_destination_before_reading(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    missing = str(tmp_path / "no_such_source.npz")  # not read: the destination is checked first
+    assert convert.main([missing, str(notes), "--to", "npz"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"FATAL ValueError: {notes} already exists") and "--overwrite" in err
+    assert notes.read_text() == "my notes\n"
+    source = str(FIXTURES / "vit_jax_gap" / "params.npz")
+    assert convert.main([source, str(notes), "--to", "npz", "--overwrite"]) == 0
+    assert convert.load_checkpoint(str(notes)).config == convert.load_checkpoint(source).config

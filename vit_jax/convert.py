@@ -2,9 +2,9 @@
 
   model, params = load_pretrained(path, variant=None, **overrides)
   config, params = load_params(path, variant=None, **overrides)
-  save_pretrained(params, path, format='npz' | 'timm' | 'hf', model=model_or_config)
+  save_pretrained(params, path, format='npz' | 'timm' | 'hf', model=model_or_config)  # overwrite=False
   loaded = load_checkpoint(path, ...)   # .config, .params, .preprocessing
-  python -m vit_jax.convert SRC DST --to npz|timm|hf [--variant V] [--set key=value ...]
+  python -m vit_jax.convert SRC DST --to npz|timm|hf [--variant V] [--set key=value ...] [--overwrite]
 
 Files this project writes also carry the full `ViTConfig` and the input convention (`preprocessing`),
 so they load back exactly with no overrides; `load_checkpoint` returns both.
@@ -21,6 +21,7 @@ first parameter and both shapes, before any model is returned.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -278,9 +279,14 @@ def _write_bytes(data: bytes, path: str) -> None:
             f.write(data)
         return
     partial = path + ".partial"  # never leave a half-written checkpoint under the real name
-    with open(partial, "wb") as f:
-        f.write(data)
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    except BaseException:  # a full disk, Ctrl-C: no stray .partial either
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
 
 
 def _format(format: str):
@@ -296,12 +302,50 @@ def check_representable(config: ViTConfig, format: str) -> None:
         raise ValueError(f"format {format!r} cannot represent {', '.join(problems)}")
 
 
+def _suffixes(module) -> str:
+    shown = {"": "a folder (no suffix)"}
+    return " or ".join(shown.get(s, f"a {s} file") for s in module.SUFFIXES)
+
+
+def check_destination(path: str, format: str, overwrite: bool = False) -> None:
+    """ValueError naming `path` if `format` cannot be written there, before anything is read or
+    written: a suffix another format writes (`--to npz x.safetensors`), a file where a folder goes or
+    the reverse, and, unless `overwrite`, an existing file or a folder that is not empty.
+    """
+    writer = _format(format)
+    path = os.fspath(path)
+    # '' (no suffix, or a trailing '/') names a folder.
+    suffix = "" if path.endswith("/") else os.path.splitext(os.path.basename(path))[1].lower()
+    theirs = {s for module in REGISTRY.values() for s in module.SUFFIXES} - set(writer.SUFFIXES)
+    if suffix in theirs:  # unknown suffixes (model.bin) pass: only the content says the format
+        shown = "a folder" if not suffix else f"a {suffix} file"
+        raise ValueError(f"{path}: format {format!r} writes {_suffixes(writer)}, not {shown}")
+    g = _gfile() if "://" in path else None
+    exists, isdir = (g.exists, g.isdir) if g else (os.path.lexists, os.path.isdir)
+    again = "(--overwrite, or overwrite=True in Python, allows it)"
+    outputs = writer.outputs(path)
+    if path not in outputs:  # a folder of files
+        if exists(path) and not isdir(path):
+            raise ValueError(f"{path} is a file; format {format!r} writes a folder there")
+        if isdir(path) and (g.listdir if g else os.listdir)(path) and not overwrite:
+            raise ValueError(f"{path} is a folder that is not empty; refusing to add to it {again}")
+    elif isdir(path):
+        raise ValueError(f"{path} is a folder; format {format!r} writes {_suffixes(writer)} there")
+    for out in outputs:
+        if isdir(out):
+            raise ValueError(f"{out} is a folder; refusing to replace it by a file")
+        if exists(out) and not overwrite:
+            raise ValueError(f"{out} already exists; refusing to overwrite it {again}")
+
+
 def save_pretrained(
     params: Any,
     path: str,
     format: str = "npz",
     model: VisionTransformer | ViTConfig | None = None,
     preprocessing: Preprocessing | None = None,
+    *,
+    overwrite: bool = False,
 ) -> str:
     """Write `params` of `model` as `format`; returns `path`.
 
@@ -311,8 +355,13 @@ def save_pretrained(
     model.safetensors and preprocessor_config.json for `ViTForImageClassification.from_pretrained`
     (`ViTModel` when num_classes == 0). Every file carries the full config and `preprocessing`
     (default: [-1, 1] inputs), so `load_pretrained` reads it back exactly.
+
+    An existing destination (a file, a non-empty folder) is refused unless `overwrite=True`, and so
+    is a suffix of another format (`check_destination`); missing parent folders are created.
     """
     writer = _format(format)
+    path = os.fspath(path)
+    check_destination(path, format, overwrite)
     config = model.config if isinstance(model, VisionTransformer) else model
     if not isinstance(config, ViTConfig):
         raise ValueError("save_pretrained needs model= (a VisionTransformer or its ViTConfig)")
@@ -323,7 +372,7 @@ def save_pretrained(
         sort_keys=True,
     )
     outputs = writer.files(path, tensors, config, embedded)
-    for folder in {os.path.dirname(p) for p in outputs} - {os.path.dirname(path.rstrip("/"))}:
+    for folder in {os.path.dirname(p) for p in outputs} - {""}:
         _gfile().makedirs(folder) if "://" in folder else os.makedirs(folder, exist_ok=True)
     for out_path, data in outputs.items():
         _write_bytes(data, out_path)

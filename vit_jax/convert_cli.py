@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FIELD=VALUE",
         help="a ViTConfig override, e.g. --set num_heads=12 --set image_size=384 (repeatable)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing destination file, or write into a folder that is not empty "
+        "(without it, an existing destination is refused and nothing is written)",
+    )
     args = parser.parse_args(argv)
     cli.plain_warnings()
     overrides = {}
@@ -54,20 +60,22 @@ def main(argv: list[str] | None = None) -> None:
         # a download of a remote source has its own bar in bytes. Warnings print above the bar.
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        from vit_jax.convert import load_checkpoint, reload_overrides, save_pretrained
+        from vit_jax import convert
 
+        # Before a long download or read: a destination we may not write is known now.
+        convert.check_destination(args.dst, args.to, args.overwrite)
         with (
             logging_redirect_tqdm(),
             progress.bar(3, f"convert to {args.to}", unit="stage", leave=True) as stages,
         ):
-            loaded = load_checkpoint(args.src, variant=args.variant, **overrides)
+            loaded = convert.load_checkpoint(args.src, variant=args.variant, **overrides)
             stages.update(1)
-            save_pretrained(
+            convert.save_pretrained(
                 loaded.params, args.dst, format=args.to, model=loaded.config,
-                preprocessing=loaded.preprocessing,
+                preprocessing=loaded.preprocessing, overwrite=args.overwrite,
             )  # fmt: skip
             stages.update(1)
-            needed = reload_overrides(loaded.params, loaded.config, args.to)
+            needed = convert.reload_overrides(loaded.params, loaded.config, args.to)
             stages.update(1)
         config = loaded.config
         print(f"wrote {args.dst} ({args.to}) of a model with {config}")

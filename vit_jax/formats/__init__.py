@@ -11,6 +11,9 @@ the same interface, and `vit_jax.convert` only ever loops over `REGISTRY`:
   unrepresentable(config)       → what of `config` the format cannot hold ([] when it can)
   side_config(config)           → what `to_ours` needs beside the tensors (HF config) or None
   required_hints(config)        → what loading the tensors alone must be told (timm: num_heads)
+  SUFFIXES                      the destination suffixes it writes ('': a folder); a suffix another
+                                format writes is refused (`convert.check_destination`), others pass
+  outputs(path)                 → the paths `files` writes for `path` (checked before any is written)
   files(path, tensors, config, embedded) → {path: bytes} to write (`embedded`: our JSON description)
   how_to_load(path, config)     → the lines that load it in its own library
 

@@ -32,6 +32,7 @@ NAME = "hf"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PREPROCESSOR_FILE = "preprocessor_config.json"
+SUFFIXES = ("",)  # a folder
 SOURCE_DEFAULTS = ViTConfig(gelu_approximate=False, layernorm_epsilon=1e-12)
 # transformers' ACT2FN names → our GELU flavour.
 _GELUS = {"gelu": False, "gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True}
@@ -317,11 +318,12 @@ def files(
     )
     hf_config = {**to_hf_config(config), EMBEDDED_KEY: described}
     as_json = lambda value: (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()  # noqa: E731
-    return {
-        os.path.join(path, WEIGHTS_FILE): weights,
-        os.path.join(path, CONFIG_FILE): as_json(hf_config),
-        os.path.join(path, PREPROCESSOR_FILE): as_json(processor_config(config, pre)),
-    }
+    contents = [weights, as_json(hf_config), as_json(processor_config(config, pre))]
+    return dict(zip(outputs(path), contents, strict=True))
+
+
+def outputs(path: str) -> list[str]:
+    return [os.path.join(path, name) for name in (WEIGHTS_FILE, CONFIG_FILE, PREPROCESSOR_FILE)]
 
 
 def how_to_load(path: str, config: ViTConfig) -> str:

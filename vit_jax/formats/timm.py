@@ -46,6 +46,7 @@ NAME = "timm"
 SOURCE_DEFAULTS = ViTConfig(gelu_approximate=False, layernorm_epsilon=1e-6)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+SUFFIXES = (".safetensors", "")  # a file, or a hub folder when `path` has no suffix
 
 
 def looks_like(keys: Any) -> bool:
@@ -318,9 +319,14 @@ def files(
         metadata={"format": "pt", "vit_jax": embedded},
     )
     hub = json.dumps(hub_config(config, pre), indent=2) + "\n"
+    return dict(zip(outputs(path), [weights, hub.encode()], strict=True))
+
+
+def outputs(path: str) -> list[str]:
+    """[weights, timm config.json]: in the folder `path`, or `path` and `<stem>.config.json`."""
     if _is_folder(path):
-        return {f"{path}/{WEIGHTS_FILE}": weights, f"{path}/{CONFIG_FILE}": hub.encode()}
-    return {path: weights, os.path.splitext(path)[0] + ".config.json": hub.encode()}
+        return [f"{path.rstrip('/')}/{WEIGHTS_FILE}", f"{path.rstrip('/')}/{CONFIG_FILE}"]
+    return [path, os.path.splitext(path)[0] + ".config.json"]
 
 
 def _is_folder(path: str) -> bool:

@@ -8,6 +8,7 @@ read a timm config.json (`architecture`, `model_args`, `pretrained_cfg`); `hub_c
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -160,6 +161,15 @@ def architecture(config: ViTConfig) -> str:
     return "vit_base_patch16_224"
 
 
+def mlp_ratio(hidden_size: int, mlp_dim: int) -> float:
+    """The float nearest mlp_dim / hidden_size for which timm's MLP width `int(dim * mlp_ratio)` is
+    exactly mlp_dim: the plain quotient can round below it (960 / 352 builds 959 units)."""
+    ratio = mlp_dim / hidden_size
+    while int(hidden_size * ratio) < mlp_dim:  # at most a few ulps up
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
 def model_args(config: ViTConfig) -> dict[str, Any]:
     """timm `VisionTransformer` keyword arguments that build exactly `config`'s model."""
     square = lambda pair: pair[0] if pair[0] == pair[1] else list(pair)  # noqa: E731
@@ -173,7 +183,7 @@ def model_args(config: ViTConfig) -> dict[str, Any]:
         embed_dim=config.hidden_size,
         depth=config.num_layers,
         num_heads=config.num_heads,
-        mlp_ratio=config.mlp_dim / config.hidden_size,
+        mlp_ratio=mlp_ratio(config.hidden_size, config.mlp_dim),
         qkv_bias=config.qkv_bias,
         qk_norm=config.qk_norm,
         init_values=config.layerscale_init,

@@ -26,6 +26,7 @@ from vit_jax.formats.source import Source
 from vit_jax.model_config import ViTConfig
 
 NAME = "npz"
+SUFFIXES = (".npz",)  # one file
 OPTIMIZER_PREFIX = "opt/target/"
 # What the published checkpoints were trained with; big_vision uses the same flax defaults.
 SOURCE_DEFAULTS = ViTConfig(gelu_approximate=True, layernorm_epsilon=1e-6)
@@ -100,6 +101,10 @@ def from_ours(flat: dict[str, Any], config: ViTConfig) -> dict[str, np.ndarray]:
     if layout.POSEMB in out and not config.posemb_covers_prefix:
         out[big_vision.ROOT_POSEMB] = out.pop(layout.POSEMB)
     return out
+
+
+def outputs(path: str) -> list[str]:
+    return [path]
 
 
 def files(

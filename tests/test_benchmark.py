@@ -158,3 +158,141 @@ def test_trainer_mode_refuses_too_few_steps():
     assert result.stderr.strip() == (
         "FATAL ValueError: --trainer_steps=5 is invalid: must be >= 20"
     )
+
+
+# --- The command line refuses bad input before any model is built -------------------------------
+
+TINY_FLAGS = ["--variant=Ti/16", "--image_size=32", "--batch_size=2", "--modes=inference"]
+
+
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """run_main(args, compare=fake) → (status, stdout, stderr, calls): `vit_jax.benchmark`'s main in
+    this process, with `compare` (the benchmark itself) and the trainer's run replaced: `calls`
+    lists what reached them, so an empty list means nothing was built or timed."""
+    from absl import flags
+
+    from vit_jax import cli
+    from vit_jax.bench import trainer_side
+
+    monkeypatch.setattr(cli, "quiet_logs", lambda *a, **k: None)  # no global log changes here
+    calls = []
+
+    def fake_compare(config, **kwargs):
+        calls.append(("compare", kwargs["libraries"]))
+        return {"results": [], "errors": [], "tiny": True}
+
+    def fake_measure(*args):
+        calls.append(("trainer", args))
+        raise AssertionError("the trainer ran")
+
+    monkeypatch.setattr(trainer_side, "measure", fake_measure)
+
+    def run(args, compare=fake_compare):
+        monkeypatch.setattr(benchmark, "compare", compare)
+        capsys.readouterr()
+        try:
+            flags.FLAGS.unparse_flags()
+            status = benchmark.main(cli.absl_flags_parser(["vit-benchmark", *args]))
+        finally:
+            flags.FLAGS.unparse_flags()
+        out, err = capsys.readouterr()
+        return status, out, err, calls
+
+    return run
+
+
+@pytest.mark.parametrize("case", ["directory", "trailing_slash", "parent_is_a_file", "trainer"])
+def test_json_out_that_cannot_be_written_fails_before_anything_runs(run_main, tmp_path, case):
+    (tmp_path / "file").write_text("mine")
+    path = {
+        "directory": f"{tmp_path}",
+        "trailing_slash": f"{tmp_path}/new/",
+        "parent_is_a_file": f"{tmp_path}/file/b.json",
+        "trainer": f"{tmp_path}",
+    }[case]
+    args = ["--trainer"] if case == "trainer" else TINY_FLAGS
+    before = sorted(p.name for p in tmp_path.iterdir())
+    status, out, err, calls = run_main([*args, f"--json_out={path}"])
+    assert status == 1 and out == "" and calls == []
+    (line,) = err.splitlines()
+    assert line.startswith(f"FATAL ValueError: --json_out={path} ")
+    assert ("cannot be written" if case == "parent_is_a_file" else "is a directory") in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_json_out_folder_is_created_only_once_the_report_exists(run_main, tmp_path):
+    out_path = tmp_path / "new" / "sub" / "b.json"
+
+    def compare(config, **kwargs):
+        assert not (tmp_path / "new").exists()  # checked up front, created only at the end
+        return {"results": [], "errors": []}
+
+    status, out, err, _ = run_main([*TINY_FLAGS, f"--json_out={out_path}"], compare)
+    assert status == 0, err
+    assert json.loads(out) == json.loads(out_path.read_text())
+    assert sorted(p.name for p in out_path.parent.iterdir()) == ["b.json"]  # no .partial left
+
+
+def test_json_out_keeps_the_previous_file_when_the_run_fails(run_main, tmp_path):
+    out_path = tmp_path / "b.json"
+    out_path.write_text("previous report")
+
+    def compare(config, **kwargs):
+        raise RuntimeError("the run broke")
+
+    status, _, err, _ = run_main([*TINY_FLAGS, f"--json_out={out_path}"], compare)
+    assert status == 1 and "the run broke" in err
+    assert out_path.read_text() == "previous report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+def test_unknown_comparison_is_refused_before_any_model(run_main):
+    status, out, err, calls = run_main([*TINY_FLAGS, "--compare=timm,torchvision"])
+    assert status == 1 and out == "" and calls == []
+    assert err.strip() == (
+        "FATAL ValueError: --compare=timm,torchvision is invalid: torchvision is not one of "
+        "timm, timm_compile, hf, hf_compile"
+    )
+
+
+def test_a_comparison_without_torch_is_announced_as_skipped_before_our_side_runs(
+    run_main, monkeypatch, capsys
+):
+    from vit_jax.bench import torch_side
+
+    missing = "torch and timm not installed (pip install -r requirements-bench.txt)"
+    monkeypatch.setattr(torch_side, "available", lambda library: missing)
+    said_before = []
+
+    def compare(config, **kwargs):
+        said_before.append(capsys.readouterr().err)
+        return {"results": [], "errors": []}
+
+    status, _, _, _ = run_main([*TINY_FLAGS, "--compare=timm"], compare)
+    assert status == 0
+    assert said_before == [f"WARNING --compare timm is skipped: {missing}\n"]
+
+
+def test_helpshort_heads_the_flags_with_the_module_name():
+    result = subprocess.run(
+        [sys.executable, "-m", "vit_jax.benchmark", "--helpshort"],
+        capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\nvit_jax.benchmark:\n" in result.stdout and "benchmark.py:" not in result.stdout
+    assert "--json_out:" in result.stdout and "--[no]verbose:" in result.stdout
+
+
+def test_trainer_mode_refuses_a_directory_as_json_out_before_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "vit_jax.benchmark", "--trainer", f"--json_out={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"FATAL ValueError: --json_out={tmp_path} is a directory: give a file path, e.g. "
+        f"{tmp_path}/benchmark.json"
+    )
+    assert list(tmp_path.iterdir()) == []

@@ -41,6 +41,7 @@ from absl import app, flags
 from vit_jax import cli, distributed
 from vit_jax.bench import flops as flops_lib
 from vit_jax.bench import jax_side, torch_side
+from vit_jax.bench.report import check_json_out, format_table, format_trainer_table, write_json
 from vit_jax.model_config import ViTConfig, get_config
 
 # bf16 dense peak TFLOP/s per device (vendor data sheets), for MFU without --peak_tflops.
@@ -204,27 +205,12 @@ def benchmark(
     }
 
 
-def format_table(report: dict[str, Any]) -> str:
-    header = (
-        f"{'mode':<10} {'library':<13} {'img/s':>9} {'vs ours':>8} {'step ms':>9} "
-        f"{'compile s':>9} {'GFLOP/img':>9} {'peak MB':>8} {'MFU':>6}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in report["results"]:
-        ratio = r.get("vit_jax_speedup")
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-        lines.append(
-            f"{r['mode']:<10} {r['library']:<13} {r['images_per_s']:>9.1f} "
-            f"{(f'{ratio:.2f}x' if ratio else '-'):>8} {1000 * r['median_step_s']:>9.1f} "
-            f"{r['compile_s']:>9.1f} {r.get('xla_gflops_per_image') or 0:>9.2f} "
-            f"{(r['peak_memory_mb'] or 0):>8.0f} "
-            f"{mfu:>6}"
-        )
-    for e in report["errors"]:
-        lines.append(f"{e['mode']:<10} {e['library']:<13} {e.get('skipped') or e.get('error')}")
-    lines.append("'vs ours': our images/s over this row's (above 1: vit_jax is faster).")
-    return "\n".join(lines)
+if __name__ == "__main__":
+    # `python -m vit_jax.benchmark` runs the module under its import name, as `vit-benchmark` does:
+    # its flags are then defined (and listed by --helpshort) as vit_jax.benchmark, not a file path.
+    from vit_jax.benchmark import run
 
+    run()  # exits
 
 _VARIANT = flags.DEFINE_string("variant", "ViT-B/16", "Model variant, e.g. ViT-Ti/16.")
 _MODES = flags.DEFINE_list("modes", ["train", "inference"], "train and/or inference.")
@@ -236,7 +222,10 @@ _SCAN = flags.DEFINE_bool("scan", False, "nn.scan over the layers (compiles one 
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 1000, "Classes of the head.")
 _OPTIMIZER = flags.DEFINE_enum("optimizer", "sgd", jax_side.OPTIMIZERS, "Train-step optimizer.")
 _COMPARE = flags.DEFINE_list(
-    "compare", [], f"Libraries to time beside ours: {', '.join(torch_side.LIBRARIES)}."
+    "compare",
+    [],
+    f"Libraries to time beside ours: {', '.join(torch_side.LIBRARIES)} (without torch / timm / "
+    "transformers installed, requirements-bench.txt, that side is skipped with a warning).",
 )
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per timed run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per side; the median is reported.")
@@ -253,7 +242,12 @@ _CPU_DEVICES = flags.DEFINE_integer(
     "CPU only: devices XLA's CPU platform exposes; 0 = one per core that the batch divides (as "
     "train.py does), set before JAX starts. XLA_FLAGS / JAX_NUM_CPU_DEVICES win.",
 )
-_JSON = flags.DEFINE_string("json_out", None, "Also write the JSON report to this file.")
+_JSON = flags.DEFINE_string(
+    "json_out",
+    None,
+    "Also write the JSON report to this file (a missing folder is created; the path is checked "
+    "before anything runs).",
+)
 _TRAINER = flags.DEFINE_bool(
     "trainer",
     False,
@@ -289,6 +283,19 @@ def _check_flags() -> None:
         raise ValueError(f"--modes={','.join(_MODES.value)} is invalid: allowed train, inference")
     if _PEAK.value is not None and _PEAK.value <= 0:
         raise ValueError(f"--peak_tflops={_PEAK.value} is invalid: must be > 0")
+    unknown = [name for name in _COMPARE.value if name not in torch_side.LIBRARIES]
+    if unknown:
+        raise ValueError(
+            f"--compare={','.join(_COMPARE.value)} is invalid: {', '.join(unknown)} is not one "
+            f"of {', '.join(torch_side.LIBRARIES)}"
+        )
+
+
+def _announce_skipped_comparisons() -> None:
+    """Says before anything is timed which --compare sides cannot run here (torch missing)."""
+    for library in _COMPARE.value:
+        if reason := torch_side.available(library):
+            print(f"WARNING --compare {library} is skipped: {reason}", file=sys.stderr, flush=True)
 
 
 def load_recipe(name_or_path: str):
@@ -305,17 +312,6 @@ def load_recipe(name_or_path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
-
-
-def format_trainer_table(report: dict[str, Any]) -> str:
-    bare, ours = report["bare_step"]["images_per_s"], report["trainer"]["images_per_s"]
-    return "\n".join(
-        [
-            f"bare jitted step loop   {bare:>9.1f} img/s",
-            f"train_and_evaluate      {ours:>9.1f} img/s  ({100 * ours / bare:.0f}% of the bare loop; "
-            f"{report['trainer']['wall_s']:.0f} s wall for {report['steps']} steps incl. compile)",
-        ]
-    )
 
 
 def _run_trainer() -> int:
@@ -347,15 +343,16 @@ def _run_trainer() -> int:
 def _emit(report: dict[str, Any]) -> None:
     text = json.dumps(report, indent=2)
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            f.write(text + "\n")
+        write_json(_JSON.value, text + "\n")
     print(text, flush=True)
 
 
 def _run() -> int:
+    check_json_out(_JSON.value)  # before anything runs: a bad path costs no run
     if _TRAINER.value:
         return _run_trainer()
     _check_flags()
+    _announce_skipped_comparisons()
     distributed.use_cpu_devices(
         distributed.cpu_device_count(_CPU_DEVICES.value, [_BATCH.value], distributed.cores())
     )
@@ -391,7 +388,3 @@ def run() -> None:
     """The `vit-benchmark` console script."""
     sys.modules["__main__"].__doc__ = __doc__  # what absl's --help prints
     app.run(main, flags_parser=cli.absl_flags_parser)
-
-
-if __name__ == "__main__":
-    run()

@@ -11,11 +11,14 @@ The train figure uses the default augmentation (Inception crop + flip) unless fl
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
+
+from vit_jax import cli
 
 
 def make_jpeg_folder(root: str, num_images: int, size: int = 224, num_classes: int = 10) -> str:
@@ -40,32 +43,100 @@ def images_per_second(iterator, num_batches: int, warmup: int) -> float:
     return num_images / (time.perf_counter() - start)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="digits")
+# Config fields set from a flag of the same name (eval_batch_size from --batch_size): the data
+# config's own checks (`vit_jax.data.validation`) judge them, and their errors name the flag.
+_FLAG_OF_FIELD = {
+    "dataset": "dataset",
+    "image_size": "image_size",
+    "batch_size": "batch_size",
+    "eval_batch_size": "batch_size",
+    "pp.randaugment_layers": "randaugment_layers",
+    "pp.mixup_alpha": "mixup_alpha",
+}
+# The benchmark's own flags: (name, smallest allowed value).
+_AT_LEAST = (("num_batches", 1), ("warmup", 0), ("num_images", 2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(
+        prog="python -m vit_jax.data.input_benchmark", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--dataset",
+        default="digits",
+        help="jpeg_folder (synthetic JPEGs), digits, a TFDS name or an image folder path",
+    )
     parser.add_argument("--data_dir", default=None, help="default: a temporary directory")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--num_batches", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--num_batches", type=int, default=100, help="train batches timed")
+    parser.add_argument("--warmup", type=int, default=10, help="train batches before timing")
     parser.add_argument("--num_images", type=int, default=2000, help="jpeg_folder size")
     parser.add_argument("--randaugment_layers", type=int, default=0)
     parser.add_argument("--mixup_alpha", type=float, default=0.0)
+    return parser
+
+
+def _data_config(args, input_pipeline):
+    config = input_pipeline.default_data_config()
+    config.dataset = args.dataset
+    config.image_size = args.image_size
+    config.batch_size = config.eval_batch_size = args.batch_size
+    config.pp.randaugment_layers = args.randaugment_layers
+    config.pp.mixup_alpha = args.mixup_alpha
+    return config
+
+
+def _check(parser: argparse.ArgumentParser, args, config) -> None:
+    """Every flag, before any image is written or read: a usage error (exit 2) naming it."""
+    from vit_jax.data import validation
+
+    try:
+        validation.validate_config(config, process_index=0, process_count=1)
+    except ValueError as e:
+        message = str(e)
+        for field, flag in _FLAG_OF_FIELD.items():
+            message = message.replace(f"config.{field}=", f"--{flag}=")
+        parser.error(message)
+    if args.dataset == "jpeg_folder" or os.path.isdir(os.path.expanduser(args.dataset)):
+        return
+    import tensorflow_datasets as tfds
+
+    # As `sources.open_builder` resolves the name (importing it registered `digits`).
+    if args.dataset.startswith(("/", ".", "~")):
+        parser.error(f"--dataset={args.dataset!r} is invalid: no such image folder")
+    if args.dataset.split("/")[0].split(":")[0] not in tfds.list_builders(
+        with_community_datasets=False
+    ):
+        parser.error(
+            f"--dataset={args.dataset!r} is invalid: allowed jpeg_folder (synthetic JPEGs), "
+            "digits, a TFDS name (e.g. cifar10; prepared in --data_dir) or an image folder path"
+        )
+
+
+def main(argv=None) -> int:
+    """Exit status 0, or 1 with one `FATAL` line (2 for a usage mistake); see vit_jax.cli."""
+    parser = _parser()
     args = parser.parse_args(argv)
+    for name, low in _AT_LEAST:
+        if getattr(args, name) < low:
+            parser.error(f"--{name}={getattr(args, name)} is invalid: must be >= {low}")
+    cli.plain_warnings()
+    cli.quiet_logs(args.verbose)  # loads TensorFlow silently: the pipeline is tf.data
 
     from vit_jax import input_pipeline  # After argparse, so --help is instant.
 
+    config = _data_config(args, input_pipeline)
+    _check(parser, args, config)
+    return cli.run_guarded(lambda: _run(args, config, input_pipeline), args.verbose)
+
+
+def _run(args, config, input_pipeline) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        config = input_pipeline.default_data_config()
-        config.dataset = args.dataset
         config.data_dir = args.data_dir or os.path.join(tmp, "tfds")
         os.makedirs(config.data_dir, exist_ok=True)
         if args.dataset == "jpeg_folder":
             config.dataset = make_jpeg_folder(os.path.join(tmp, "jpegs"), args.num_images)
-        config.image_size = args.image_size
-        config.batch_size = config.eval_batch_size = args.batch_size
-        config.pp.randaugment_layers = args.randaugment_layers
-        config.pp.mixup_alpha = args.mixup_alpha
         data = input_pipeline.get_datasets(config, process_index=0, process_count=1)
 
         train = images_per_second(data.train_iter(), args.num_batches, args.warmup)
@@ -78,7 +149,8 @@ def main(argv=None):
             f"{args.dataset}: image_size {args.image_size}, batch {args.batch_size}, "
             f"{os.cpu_count()} CPUs: train {train:,.0f} images/s, eval {eval_speed:,.0f} images/s"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -311,7 +311,7 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_is_not_stale(tmp_path)
 
 def test_harmless_fields_may_change_but_not_the_recipe():
     old = {"seed": 0, "log_every_steps": 10, "mesh": {"data": -1}, "optim": {"learning_rate": 1e-3}}
-    harmless = {**old, "log_every_steps": 5, "mesh": {"data": 2}}
+    harmless = {**old, "log_every_steps": 5, "mesh": {"data": 2}, "steps_per_dispatch": 8}
     assert workdir.config_differences(old, harmless) == []
     changed = {**old, "seed": 1, "optim": {"learning_rate": 2e-3}}
     assert workdir.config_differences(old, changed) == [

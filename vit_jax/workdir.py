@@ -42,6 +42,7 @@ HARMLESS = (
     "cpu_devices",
     "fsdp_min_size",
     "accum_steps",
+    "steps_per_dispatch",  # the same steps, K per call: float-level differences, as accum_steps
     "init_from",  # a resumed run starts from its own checkpoint, never from init_from
 )
 LENGTH = ("total_steps", "total_epochs")

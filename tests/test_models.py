@@ -38,6 +38,15 @@ def test_output_shape_for_every_pooling(pool):
     chex.assert_type(logits, jnp.float32)
 
 
+def test_map_pooling_has_qkv_biases_even_without_them_in_the_encoder():
+    # As big_vision's MAPHead and timm's attn_pool (which a timm export must load into strictly).
+    model = vit_jax.create_model(None, pool="map", qkv_bias=False, **TINY)
+    keys = {"/".join(k) for k in traverse_util.flatten_dict(models.param_shapes(model))}
+    pool = "MAPHead_0/MultiHeadDotProductAttention_0"
+    assert {f"{pool}/{n}/bias" for n in ("query", "key", "value")} <= keys
+    assert not [k for k in keys if k.startswith("Transformer/") and k.endswith("query/bias")]
+
+
 def test_no_head_returns_the_pooled_representation():
     model = tiny(num_classes=0, representation_size=24)
     params = models.init_params(model, jax.random.key(0))

@@ -264,8 +264,9 @@ class MAPHead(nn.Module):
             jnp.dtype(cfg.param_dtype),
         )
         probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(x.dtype)
-        no_qk_norm = cfg.replace(qk_norm=False, attention_dropout_rate=0.0)
-        x, _ = MultiHeadDotProductAttention(no_qk_norm, name="MultiHeadDotProductAttention_0")(
+        # big_vision's MAPHead and timm's attn_pool always have q/k/v biases, whatever the encoder's.
+        pool_cfg = cfg.replace(qk_norm=False, attention_dropout_rate=0.0, qkv_bias=True)
+        x, _ = MultiHeadDotProductAttention(pool_cfg, name="MultiHeadDotProductAttention_0")(
             probe, x
         )
         y = layer_norm(cfg, "LayerNorm_0")(x)

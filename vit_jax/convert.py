@@ -21,7 +21,6 @@ first parameter and both shapes, before any model is returned.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,7 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import checkpoints, progress, transfer
+from vit_jax import checkpoints, integrity, progress, transfer
 
 # The command line (`python -m vit_jax.convert`, `vit-convert`) is vit_jax.convert_cli's.
 from vit_jax.convert_cli import main, set_flags  # noqa: F401
@@ -278,15 +277,7 @@ def _write_bytes(data: bytes, path: str) -> None:
         with _gfile().GFile(path, "wb") as f:
             f.write(data)
         return
-    partial = path + ".partial"  # never leave a half-written checkpoint under the real name
-    try:
-        with open(partial, "wb") as f:
-            f.write(data)
-        os.replace(partial, path)
-    except BaseException:  # a full disk, Ctrl-C: no stray .partial either
-        with contextlib.suppress(OSError):
-            os.remove(partial)
-        raise
+    integrity.write_whole(path, data)  # never a half-written checkpoint under the real name
 
 
 def _format(format: str):

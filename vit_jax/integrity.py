@@ -7,7 +7,8 @@ gathered anywhere). Changing any single word changes the sum (an odd weight is i
 
 Storage: `check_writable` probes a directory with a tiny file (read-only file systems and missing
 permissions fail in milliseconds, not at Orbax's barrier timeout); `storage_cause` turns the
-errors a save can end in (ENOSPC, EROFS, EACCES, tensorstore's RESOURCE_EXHAUSTED) into a phrase.
+errors a save can end in (ENOSPC, EROFS, EACCES, tensorstore's RESOURCE_EXHAUSTED) into a phrase;
+`write_whole` writes a local file so that it is never seen half-written.
 """
 
 from __future__ import annotations
@@ -110,6 +111,20 @@ def storage_cause(error: BaseException) -> str:
                 return cause
         seen = seen.__cause__ or seen.__context__
     return short_reason(error)
+
+
+def write_whole(path: str, data: bytes) -> None:
+    """Writes `data` to the local file `path` through `<path>.partial` and a rename: a crash, a
+    full disk or Ctrl-C leaves the previous file (or none), never half of one, and no `.partial`."""
+    partial = path + ".partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
 
 
 def check_writable(directory: str | epath.Path) -> None:

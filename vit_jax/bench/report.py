@@ -9,7 +9,6 @@ leaves what was there before.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -74,14 +73,8 @@ def check_json_out(path: str | None) -> None:
 
 
 def write_json(path: str, text: str) -> None:
-    """`text` into `path` whole (via `<path>.partial`), creating its parent folder if missing."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    partial = path + ".partial"
-    try:
-        with open(partial, "w") as f:
-            f.write(text)
-        os.replace(partial, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(partial)
+    """`text` into `path` whole (`integrity.write_whole`), creating its parent folder if missing."""
+    from vit_jax import integrity
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    integrity.write_whole(path, text.encode())

@@ -98,16 +98,18 @@ def _check(parser: argparse.ArgumentParser, args, config) -> None:
         for field, flag in _FLAG_OF_FIELD.items():
             message = message.replace(f"config.{field}=", f"--{flag}=")
         parser.error(message)
-    if args.dataset == "jpeg_folder" or os.path.isdir(os.path.expanduser(args.dataset)):
+    if args.dataset == "jpeg_folder":
         return
     import tensorflow_datasets as tfds
 
-    # As `sources.open_builder` resolves the name (importing it registered `digits`).
-    if args.dataset.startswith(("/", ".", "~")):
+    from vit_jax.data import sources
+
+    try:
+        if sources.dataset_kind(args.dataset) == "tfds":  # as the pipeline will resolve it
+            tfds.builder(args.dataset)  # reads no data
+    except FileNotFoundError:
         parser.error(f"--dataset={args.dataset!r} is invalid: no such image folder")
-    if args.dataset.split("/")[0].split(":")[0] not in tfds.list_builders(
-        with_community_datasets=False
-    ):
+    except tfds.core.registered.DatasetNotFoundError:
         parser.error(
             f"--dataset={args.dataset!r} is invalid: allowed jpeg_folder (synthetic JPEGs), "
             "digits, a TFDS name (e.g. cifar10; prepared in --data_dir) or an image folder path"

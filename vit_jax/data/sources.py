@@ -1,8 +1,8 @@
 """Where a dataset comes from: `config.dataset` opened as a TFDS builder, and how its splits are cut.
 
-`open_builder` resolves the name (a registered TFDS name wins over a same-named folder; an image
-folder is turned into a builder) and prepares it on first use; `shards` gives each process its
-`tfds.even_splits` share of a split; `decoders` reads only image and label, images still encoded.
+`open_builder` resolves the name with `dataset_kind` (a registered TFDS name wins over a same-named
+folder; an image folder is turned into a builder) and prepares it on first use; `shards` gives each
+process its `tfds.even_splits` share of a split; `decoders` reads only image and label, images still encoded.
 `vit_jax.input_pipeline` builds the train and eval pipelines on top.
 """
 
@@ -27,17 +27,9 @@ def open_builder(config, prepare: bool = True) -> tfds.core.DatasetBuilder:
             "($TFDS_DATA_DIR or ~/tensorflow_datasets)."
         )
     name = config.dataset
-    path = os.path.expanduser(name)
-    # A registered TFDS name wins over a same-named folder in the working directory.
-    is_tfds_name = name.split("/")[0].split(":")[0] in tfds.list_builders(
-        with_community_datasets=False
-    )
-    if os.path.isdir(path) and (name.startswith(("/", ".", "~")) or not is_tfds_name):
-        return image_folder_builder(path, data_dir, skip_corrupt=config.skip_corrupt_images)
-    if name.startswith(("/", ".", "~")):
-        raise FileNotFoundError(
-            f"config.dataset={name!r} looks like an image folder, but "
-            f"{os.path.abspath(os.path.expanduser(name))!r} does not exist."
+    if dataset_kind(name) == "folder":
+        return image_folder_builder(
+            os.path.expanduser(name), data_dir, skip_corrupt=config.skip_corrupt_images
         )
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -71,6 +63,24 @@ def open_builder(config, prepare: bool = True) -> tfds.core.DatasetBuilder:
                 "config.data_dir=DIR."
             ) from e
     return builder
+
+
+def dataset_kind(name: str) -> str:
+    """'folder' (an image folder) or 'tfds' (a name for `tfds.builder`) for `config.dataset`,
+    reading no data; FileNotFoundError naming a folder path that does not exist."""
+    path = os.path.expanduser(name)
+    # A registered TFDS name wins over a same-named folder in the working directory.
+    is_tfds_name = name.split("/")[0].split(":")[0] in tfds.list_builders(
+        with_community_datasets=False
+    )
+    if os.path.isdir(path) and (name.startswith(("/", ".", "~")) or not is_tfds_name):
+        return "folder"
+    if name.startswith(("/", ".", "~")):
+        raise FileNotFoundError(
+            f"config.dataset={name!r} looks like an image folder, but "
+            f"{os.path.abspath(path)!r} does not exist."
+        )
+    return "tfds"
 
 
 def decoders(builder):

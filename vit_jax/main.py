@@ -128,11 +128,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _no_such_config(argv: list[str]) -> None:
-    values = [
-        v if a in ("--config", "-config") else a.partition("=")[2]
-        for a, v in zip(argv, [*argv[1:], ""])
-        if a in ("--config", "-config") or a.startswith(("--config=", "-config="))
-    ]
+    values = [value for _, _, value in _config_values(argv)]
     given = values[-1] if values else ""  # absl's: the last one
     recipes = sorted(p.stem for p in (_configs_dir() or pathlib.Path()).glob("[a-z]*.py"))
     print(
@@ -159,17 +155,27 @@ def _resolve_config_arg(argv: list[str]) -> list[str]:
     or a `configs/...` path is looked up in the `configs` package, so the installed `vit-train`
     runs from any directory.
     """
-    out, i = list(argv), 0
-    while i < len(out):
-        arg = out[i]
-        if arg in ("--config", "-config") and i + 1 < len(out):
-            out[i + 1], i = recipe_path(out[i + 1]), i + 2
+    out = list(argv)
+    for i, prefix, value in _config_values(argv):
+        out[i] = prefix + recipe_path(value)
+    return out
+
+
+def _config_values(argv: list[str]) -> list[tuple[int, str, str]]:
+    """(index, prefix, value) of each --config value in `argv`: `--config X` (X at index, no
+    prefix) or `--config=X` (prefix `--config=`)."""
+    found, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            found.append((i + 1, "", argv[i + 1]))
+            i += 2
             continue
         if arg.startswith(("--config=", "-config=")):
             name, _, value = arg.partition("=")
-            out[i] = f"{name}={recipe_path(value)}"
+            found.append((i, f"{name}=", value))
         i += 1
-    return out
+    return found
 
 
 def recipe_path(value: str) -> str:

@@ -104,10 +104,10 @@ def config_cpu_devices(config, cores: int) -> int:
             return cpu_device_count(requested, batches, cores)
         except ValueError as e:
             raise ValueError(f"config.{e}") from None
-    if -1 not in sizes:
-        return fixed
-    counts = range(fixed, max(cores, fixed) + 1, fixed)
-    return max((d for d in counts if all(b % d == 0 for b in batches)), default=fixed)
+    if -1 not in sizes or any(b % fixed for b in batches):
+        return fixed  # (a batch the fixed axes do not divide is named by the batch check)
+    # One per core, in whole multiples of the fixed axes: the auto rule on the batches per group.
+    return fixed * cpu_device_count(0, [b // fixed for b in batches], max(cores // fixed, 1))
 
 
 def cores() -> int:

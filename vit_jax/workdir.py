@@ -281,20 +281,26 @@ class Workdir:
         self._created = []
 
     def _move_previous_run_back(self) -> None:
-        if not self._moved:
+        paths = [os.path.join(self.path, name) for name in self._moved]
+        # Only an empty folder the refused start made (checkpoints/) may be in the way; anything
+        # else and the old run stays where it was moved, whole.
+        if not paths or any(os.path.lexists(p) and not _empty_dir(p) for p in paths):
             return
-        for name in self._moved:
-            here = os.path.join(self.path, name)
-            try:
+        try:
+            for name, here in zip(self._moved, paths):
                 if os.path.isdir(here):
-                    os.rmdir(here)  # made by the refused start (e.g. an empty checkpoints/)
+                    os.rmdir(here)
                 os.rename(os.path.join(self.moved_to, name), here)
-            except OSError:
-                return  # something new is in the way: the old run stays in moved_to, whole
-        os.rmdir(self.moved_to)
+            os.rmdir(self.moved_to)
+        except OSError:
+            return  # (abandon runs while the refusal's own error propagates: that one is shown)
         self._moved, self.moved_to = [], None
 
     def release(self) -> None:
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
+
+
+def _empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path)

@@ -1,6 +1,6 @@
 """`python train.py --config configs/digits.py --workdir workdirs/digits`: the training CLI.
 
-It lives in `vit_jax/main.py` (installed as `vit-train`); this file runs it from a checkout.
+It lives in `vit_jax/train_cli.py` (installed as `vit-train`); this file runs it from a checkout.
 """
 
 import pathlib
@@ -9,6 +9,6 @@ import sys
 if __name__ == "__main__":
     # Config files import `configs.common`: the checkout's root must be importable.
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-    from vit_jax import main
+    from vit_jax.tools import train as train_cli
 
-    main.run()
+    train_cli.run()

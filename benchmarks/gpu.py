@@ -7,7 +7,7 @@ ViT-L/16 at 224 px, bf16 compute over float32 parameters, with MFU at the card's
 
 After the comparison rows come probes for MFU, ours alone: batch 512, and the matmuls on cuBLAS
 instead of XLA's Triton GEMMs (an XLA option for that compilation only, as
-`python -m vit_jax.benchmark --compiler_option NAME=VALUE` takes it); the JSON ends with
+`python -m vit_jax.tools.benchmark --compiler_option NAME=VALUE` takes it); the JSON ends with
 `best_mfu`, our best row per variant and mode with the spec that gave it.
 
 Robust by construction: each measurement runs in its own try, its error (or skip reason) is
@@ -26,8 +26,8 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vit_jax import benchmark  # noqa: E402
-from vit_jax.model_config import get_config  # noqa: E402
+from vit_jax.model.config import get_config  # noqa: E402
+from vit_jax.tools import benchmark  # noqa: E402
 
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, image_size=32, num_classes=10)
 
@@ -96,14 +96,14 @@ def attention_parity(variant: str, attention: str, reference: str = "xla") -> di
     import jax
     import jax.numpy as jnp
 
-    from vit_jax import models
+    from vit_jax.model import vit
 
     out = {}
     images = jax.random.uniform(jax.random.key(1), (4, 224, 224, 3), jnp.float32, -1, 1)
     results = {}
     for impl in (attention, reference):
-        model = models.create_model(variant, dtype="bfloat16", attention_impl=impl)
-        params = models.init_params(model, jax.random.key(0))
+        model = vit.create_model(variant, dtype="bfloat16", attention_impl=impl)
+        params = vit.init_params(model, jax.random.key(0))
         params = jax.tree.map(
             lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), params
         )

@@ -1,6 +1,7 @@
 r"""A small ViT trained from scratch on the offline 8x8 digits: the main job's default (`make train`).
 
   python train.py --config configs/digits.py --workdir workdirs/digits
+  python train.py --config configs/digits.py:tiny --workdir W    # the tiny variant (below)
 
 Checkpoints every 275 steps (with each evaluation): a kill loses at most those steps, Ctrl-C or
 SIGTERM none (they save first); rerunning the command resumes.
@@ -11,7 +12,7 @@ the training time: ~1.5 min on this 2-core machine (`Training time: ...`, compil
 (`data_on_device`, vit_jax/data/on_device.py: one permutation per epoch from (seed, epoch), the same
 on any process count), 8 steps run per dispatch (`steps_per_dispatch`), and on CPU train.py exposes
 one device per core (`cpu_devices`, auto): ~650 train img/s here, 1.4x a bare jitted loop of the
-same step (`python -m vit_jax.benchmark --trainer`). The result depends on the device count (float
+same step (`python -m vit_jax.tools.benchmark --trainer`). The result depends on the device count (float
 sums in another order): `--config.cpu_devices=1` gave 98.33%, `=4` and `=8` 98.61%; `=2` reproduces the
 figure above on a machine with more cores.
 
@@ -40,6 +41,22 @@ compute (a short run needs less regularization: with mixup 0.2, 40 epochs gave 9
 98.89% for seed 0). Longer or more regularized variants (batch 128 x 100 epochs; drop-path 0.2 +
 weight decay 0.1) were no better; nor were 4 layers instead of 6 (98.89%, seed 0) or lr 2e-3
 (98.33% at 50 epochs, seed 0).
+
+Argument `tiny` (`--config configs/digits.py:tiny`): this recipe shrunk until it runs in seconds,
+for the tests and for checking that a setup works at all (its accuracy means nothing). The data,
+augmentation, optimizer and on-device batches stay as above; what changes:
+
+  model                 the tests' 11,082-parameter ViT: hidden_size 32, mlp_dim 64, 2 heads,
+                        1 layer, 4x4 patches, the library's defaults otherwise (class token,
+                        learned position embeddings, no stochastic depth)
+  image_size            16 (16 tokens + the class token); pp.translate_pixels 2 (one original
+                        pixel, as 4 is at 32 px); pp.num_channels 3 (the gray digits repeated)
+  length                total_steps 3 of batch_size 32 (no total_epochs), no warmup
+  intervals             log_every_steps 1, checkpoint_every_steps 2 (checkpoints at steps 2 and
+                        3), eval_every_steps 0 (one evaluation, at the end, of the 360 test images)
+
+~30 s for the whole command here, compiling included. Tests override lengths and intervals as
+any run does (`--config.total_steps=100`).
 """
 
 from configs import common
@@ -49,7 +66,12 @@ BATCH = 64
 TRAIN_EXAMPLES = 1437
 
 
-def get_config():
+ARGS = ("tiny",)  # what may follow `digits.py:` (see the docstring)
+
+
+def get_config(arg: str | None = None):
+    if arg not in (None, "", *ARGS):
+        raise ValueError(f"digits.py:<arg>: {arg!r}; allowed: {list(ARGS)} or none (the recipe)")
     config = common.get_config()
 
     config.dataset = "digits"
@@ -68,7 +90,7 @@ def get_config():
     config.pp.randaugment_layers = 0
     config.pp.num_channels = 1
 
-    config.model = common.model_config(
+    config.model = common.model_fields(
         None,
         hidden_size=64,
         num_layers=6,
@@ -93,4 +115,23 @@ def get_config():
     config.log_every_steps = 110
     config.eval_every_steps = 275
     config.checkpoint_every_steps = 275  # Ctrl-C, SIGTERM or a kill loses at most 275 steps
+    if arg == "tiny":
+        shrink_to_tiny(config)
     return config
+
+
+def shrink_to_tiny(config) -> None:
+    """The `tiny` argument (docstring): the model, image size, length and intervals, in place."""
+    config.model = common.model_fields(
+        None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=4
+    )
+    config.image_size = 16
+    config.pp.translate_pixels = 2  # one original pixel at 16 px
+    config.pp.num_channels = 3
+    config.batch_size = 32
+    config.total_epochs = None
+    config.total_steps = 3
+    config.schedule.warmup_fraction = 0.0
+    config.log_every_steps = 1
+    config.eval_every_steps = 0
+    config.checkpoint_every_steps = 2

@@ -59,7 +59,7 @@ def get_config(arg: str | None = None):
     config.pp.flip = True
 
     # The linear head of fine-tuning: no pre-logits layer (the checkpoint's is dropped).
-    config.model = common.model_config(variant, representation_size=None)
+    config.model = common.model_fields(variant, representation_size=None)
     name = "ViT-" + variant.strip().removeprefix("ViT-").replace("/", "_")  # e.g. ViT-B_16
     config.init_from = f"gs://vit_models/imagenet21k/{name}.npz"
 

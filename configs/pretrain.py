@@ -60,8 +60,8 @@ def get_config(arg: str | None = None):
     config.pp.crop_area_range = (0.05, 1.0)  # Inception crop
     config.pp.flip = True
 
-    width = common.model_config(variant).hidden_size
-    config.model = common.model_config(
+    width = common.model_fields(variant).hidden_size
+    config.model = common.model_fields(
         variant,
         representation_size=width,  # the pre-training MLP head: Dense + tanh, dropped for fine-tuning
         dropout_rate=0.1,

@@ -1,6 +1,26 @@
 """Shared test fixtures."""
 
+import jax
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache():
+    """JAX's persistent compilation cache for every test of the session (the processes they start
+    get it through helpers.subprocess_env): many tests compile the same tiny steps, and a repeat is
+    then a load. The previous settings come back at the end of the session."""
+    from helpers import COMPILE_CACHE
+
+    settings = {
+        "jax_compilation_cache_dir": COMPILE_CACHE,
+        "jax_persistent_cache_min_compile_time_secs": 0,
+    }
+    before = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="session")
@@ -8,7 +28,7 @@ def digits_data_dir(tmp_path_factory) -> str:
     """A TFDS data dir with the `digits` dataset prepared (offline, ~1 s), shared per session."""
     import tensorflow_datasets as tfds
 
-    import vit_jax.tfds_builders  # noqa: F401  (registers `digits`)
+    import vit_jax.data.builders  # noqa: F401  (registers `digits`)
 
     tfds.disable_progress_bar()
     data_dir = str(tmp_path_factory.mktemp("tfds"))
@@ -17,24 +37,23 @@ def digits_data_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_config_path(tmp_path_factory) -> str:
-    """A config file for a 11k-parameter ViT on digits (3 steps, checkpoints at 2 and 3)."""
-    from helpers import tiny_config_source
+def tiny_config_path() -> str:
+    """The tiny recipe as a `--config` value: `<repo>/configs/digits.py:tiny` (helpers.TINY_CONFIG:
+    an 11k-parameter ViT on digits, 3 steps, checkpoints at 2 and 3)."""
+    from helpers import TINY_CONFIG
 
-    path = tmp_path_factory.mktemp("config") / "tiny_train.py"
-    path.write_text(tiny_config_source(eval_batch_size=360, total_steps=3, checkpoint_every=2))
-    return str(path)
+    return TINY_CONFIG
 
 
 @pytest.fixture(scope="session")
-def tiny_workdir(tmp_path_factory, tiny_config_path, digits_data_dir) -> str:
-    """One tiny trained workdir (checkpoints at steps 2 and 3), trained in-process once per
+def tiny_workdir(tmp_path_factory, digits_data_dir) -> str:
+    """One run of the tiny recipe (checkpoints at steps 2 and 3), trained in-process once per
     session; tests copy it (`shutil.copytree`) before changing anything in it."""
-    from helpers import load_config
+    from helpers import tiny_recipe
 
-    from vit_jax import trainer
+    from vit_jax.train import trainer
 
-    config = load_config(tiny_config_path)
+    config = tiny_recipe()
     config.data_dir = digits_data_dir
     workdir = str(tmp_path_factory.mktemp("tiny_run") / "workdir")
     trainer.train_and_evaluate(config, workdir)

@@ -15,7 +15,7 @@ from unittest import mock
 import jax
 import numpy as np
 
-from vit_jax import models, transfer
+from vit_jax.model import transfer, vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,15 +27,31 @@ FIXTURES = REPO / "tests" / "fixtures"
 COMPILE_CACHE = os.path.join(tempfile.gettempdir(), f"vit_jax_test_compile_cache_{os.getuid()}")
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for a child process of a test: CPU only, the shared compilation cache."""
-    return {
+# The tiny recipe, as `--config` takes it: an 11,082-parameter ViT on digits at 16 px, 3 steps with
+# checkpoints at 2 and 3 (configs/digits.py documents it); tests override lengths and intervals.
+TINY_CONFIG = f"{REPO / 'configs' / 'digits.py'}:tiny"
+
+
+def subprocess_env(
+    *, devices: int | None = None, import_checkout: bool = False, **extra: str
+) -> dict[str, str]:
+    """The environment for a child process of a test: CPU only, the shared compilation cache.
+
+    `devices`: that many simulated CPU devices (XLA reads the count only when JAX starts).
+    `import_checkout`: this checkout first on PYTHONPATH (for `python -c` code and `train.py` in
+    another directory). `extra`: more variables, which win over everything above.
+    """
+    env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "JAX_COMPILATION_CACHE_DIR": COMPILE_CACHE,
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        **extra,
     }
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if import_checkout:
+        env["PYTHONPATH"] = str(REPO)
+    return {**env, **extra}
 
 
 def run_with_devices(code: str, devices: int = 8, timeout: int = 300) -> str:
@@ -45,9 +61,7 @@ def run_with_devices(code: str, devices: int = 8, timeout: int = 300) -> str:
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         cwd=REPO,
-        env=subprocess_env(
-            PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
-        ),
+        env=subprocess_env(devices=devices, import_checkout=True),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -56,50 +70,47 @@ def run_with_devices(code: str, devices: int = 8, timeout: int = 300) -> str:
     return result.stdout
 
 
-def load_config(path: str):
-    """`get_config()` of the config file at `path` (a fresh ConfigDict per call)."""
+def train_py(config: str, workdir, data_dir: str, *extra: str) -> list[str]:
+    """The command line of `train.py` (run it from REPO) for `config` in `workdir` on the data of
+    `data_dir`, plus `extra` flags."""
+    return [
+        sys.executable,
+        "train.py",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.data_dir={data_dir}",
+        *extra,
+    ]
+
+
+def load_config(path: str, arg: str | None = None):
+    """`get_config(arg)` (`get_config()` without one) of the config file at `path`, relative to
+    the checkout or absolute: what `--config path[:arg]` gives, a fresh ConfigDict per call."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("config_under_test", path)
+    spec = importlib.util.spec_from_file_location("config_under_test", REPO / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(arg) if arg else module.get_config()
 
 
-def tiny_config_source(eval_batch_size: int, total_steps: int, checkpoint_every: int) -> str:
-    """A config file for an 11k-parameter ViT on digits at 16 px (what `train.py --config` reads)."""
-    return f"""
-from configs import common
-
-def get_config(arg=None):
-    config = common.get_config()
-    config.model = common.model_config(
-        None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=(4, 4)
-    )
-    config.dataset = "digits"
-    config.image_size = 16
-    config.batch_size = 32
-    config.eval_batch_size = {eval_batch_size}
-    config.total_steps = {total_steps}
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = {checkpoint_every}
-    config.pp.crop_area_range = None
-    config.schedule.warmup_steps = 0
-    return config
-"""
+def tiny_recipe():
+    """The tiny recipe (`configs/digits.py:tiny`) as a ConfigDict, fresh per call."""
+    return load_config("configs/digits.py", "tiny")
 
 
-# A ViT small enough to compile in seconds on 2 CPU cores.
+# The model-level tests' ViT (shapes, layouts, conversions; no training): small enough to
+# compile in seconds on 2 CPU cores. The training tests use the tiny recipe above.
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=2, patch_size=4, image_size=16)
 
 
-def random_params(model: models.VisionTransformer, seed: int = 0, scale: float = 0.05):
+def random_params(model: vit.VisionTransformer, seed: int = 0, scale: float = 0.05):
     """Initialized params plus noise on every leaf: a non-zero head and non-uniform attention, so
     every parameter reaches the logits."""
 
     @jax.jit
     def init(key):
-        params = models.init_params(model, key)
+        params = vit.init_params(model, key)
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
         noisy = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
@@ -111,7 +122,7 @@ def random_params(model: models.VisionTransformer, seed: int = 0, scale: float =
 @functools.cache
 def apply_fn(config):
     """The jitted forward pass of the model `config` describes (one compile per config)."""
-    return jax.jit(models.VisionTransformer(config).apply)
+    return jax.jit(vit.VisionTransformer(config).apply)
 
 
 def logits_of(config, params, images) -> np.ndarray:

@@ -1,21 +1,19 @@
 """Bad input to the four command lines: exit status, one FATAL line naming the value, workdir as it was.
 
-Every case runs the real `main` of train.py (vit_jax/main.py), `vit_jax.predict`, `vit_jax.convert` and
-`vit_jax.benchmark` in this process (the flags are re-parsed per case), against one shared tiny
-trained workdir, and fails before any JAX compilation.
+Every case runs the real `main` of train.py (vit_jax/tools/train.py), `vit_jax.tools.predict`,
+`vit_jax.tools.convert` and `vit_jax.tools.benchmark` in this process (the flags are re-parsed per
+case), against one shared tiny trained workdir, and fails before any JAX compilation.
 """
 
 import importlib
 import os
-import pathlib
 import sys
 
 import pytest
 from absl import flags
+from helpers import REPO
 
-from vit_jax import cli
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from vit_jax.tools import cli
 
 MISSING = "/nonexistent/vit-jax-test"
 
@@ -45,14 +43,14 @@ def run_cli(monkeypatch, capsys):
         try:
             if kind in ("train", "benchmark"):
                 module = importlib.import_module(
-                    "vit_jax.main" if kind == "train" else "vit_jax.benchmark"
+                    "vit_jax.tools.train" if kind == "train" else "vit_jax.tools.benchmark"
                 )
-                parse = module._parse_flags if kind == "train" else cli.absl_flags_parser
+                parse = module.parse_flags if kind == "train" else cli.absl_flags_parser
                 flags.FLAGS.unparse_flags()
                 argv = parse([kind, *args])
                 status = module.main(argv)
             else:
-                module = importlib.import_module(f"vit_jax.{kind}")
+                module = importlib.import_module(f"vit_jax.tools.{kind}")
                 status = module.main(args)
         except SystemExit as e:
             status = e.code

@@ -8,7 +8,8 @@ import sys
 import pytest
 from helpers import REPO, TINY, subprocess_env
 
-from vit_jax import benchmark, models
+from vit_jax.model import vit
+from vit_jax.tools import benchmark
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_a_train_step_costs_more_than_a_forward_pass(results):
 
 
 def test_compiler_options_are_typed_and_checked_against_xla_before_any_model():
-    from vit_jax.bench import jax_side
+    from vit_jax.tools.bench import jax_side
 
     assert jax_side.parse_compiler_options(
         ["xla_cpu_enable_fast_math=false", "xla_cpu_experimental_ynn_fusion_type="]
@@ -48,12 +49,12 @@ def test_compiler_options_are_typed_and_checked_against_xla_before_any_model():
 
 
 def test_compiler_options_reach_our_sides_compilation():
-    from vit_jax.bench import jax_side
+    from vit_jax.tools.bench import jax_side
 
     # An option XLA rejects fails the build: the options are handed to this compilation.
     with pytest.raises(Exception, match="xla_no_such_option"):
         jax_side.build(
-            models.get_config(None, **TINY), "inference", 2,
+            vit.get_config(None, **TINY), "inference", 2,
             compiler_options={"xla_no_such_option": 1},
         )  # fmt: skip
 
@@ -67,7 +68,7 @@ def test_bad_mode_is_named():
 def test_command_line_prints_a_json_report_and_writes_it(tmp_path):
     out = tmp_path / "b.json"
     stdout = subprocess.run(
-        [sys.executable, "-m", "vit_jax.benchmark", "--variant=Ti/16", "--image_size=32",
+        [sys.executable, "-m", "vit_jax.tools.benchmark", "--variant=Ti/16", "--image_size=32",
          "--batch_size=2", "--steps=1", "--repeats=1", "--modes=inference", f"--json_out={out}"],
         capture_output=True, text=True, check=True, cwd=REPO,
     ).stdout  # fmt: skip
@@ -81,9 +82,9 @@ def test_command_line_prints_a_json_report_and_writes_it(tmp_path):
     "variant, gflops", [("B/16", 35.1), ("L/16", 123.1), ("Ti/16", 2.5), ("S/16", 9.2)]
 )
 def test_analytic_flops_of_known_variants(variant, gflops):
-    from vit_jax.bench import flops
+    from vit_jax.tools.bench import flops
 
-    assert flops.forward_flops(models.get_config(variant)) / 1e9 == pytest.approx(gflops, rel=0.01)
+    assert flops.forward_flops(vit.get_config(variant)) / 1e9 == pytest.approx(gflops, rel=0.01)
 
 
 def test_xla_cost_analysis_agrees_with_the_analytic_count(results):
@@ -95,7 +96,7 @@ def test_xla_cost_analysis_agrees_with_the_analytic_count(results):
 
 def test_comparison_side_is_skipped_cleanly_without_torch_and_json_is_complete():
     report = benchmark.compare(
-        models.get_config(None, **TINY),
+        vit.get_config(None, **TINY),
         modes=("inference",),
         batch_size=2,
         steps=1,
@@ -132,7 +133,7 @@ def test_trainer_mode_times_the_trainer_against_its_own_bare_step(
 ):
     out = tmp_path / "t.json"
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.benchmark", "--trainer",
+        [sys.executable, "-m", "vit_jax.tools.benchmark", "--trainer",
          f"--trainer_config={tiny_config_path}", f"--trainer_data_dir={digits_data_dir}",
          "--trainer_steps=20", f"--json_out={out}"],
         capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=600,
@@ -151,7 +152,7 @@ def test_trainer_mode_times_the_trainer_against_its_own_bare_step(
 
 def test_trainer_mode_refuses_too_few_steps():
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.benchmark", "--trainer", "--trainer_steps=5"],
+        [sys.executable, "-m", "vit_jax.tools.benchmark", "--trainer", "--trainer_steps=5"],
         capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=120,
     )  # fmt: skip
     assert result.returncode == 1
@@ -167,13 +168,13 @@ TINY_FLAGS = ["--variant=Ti/16", "--image_size=32", "--batch_size=2", "--modes=i
 
 @pytest.fixture
 def run_main(monkeypatch, capsys):
-    """run_main(args, compare=fake) → (status, stdout, stderr, calls): `vit_jax.benchmark`'s main in
+    """run_main(args, compare=fake) → (status, stdout, stderr, calls): `vit_jax.tools.benchmark`'s main in
     this process, with `compare` (the benchmark itself) and the trainer's run replaced: `calls`
     lists what reached them, so an empty list means nothing was built or timed."""
     from absl import flags
 
-    from vit_jax import cli
-    from vit_jax.bench import trainer_side
+    from vit_jax.tools import cli
+    from vit_jax.tools.bench import trainer_side
 
     monkeypatch.setattr(cli, "quiet_logs", lambda *a, **k: None)  # no global log changes here
     calls = []
@@ -260,7 +261,7 @@ def test_unknown_comparison_is_refused_before_any_model(run_main):
 def test_a_comparison_without_torch_is_announced_as_skipped_before_our_side_runs(
     run_main, monkeypatch, capsys
 ):
-    from vit_jax.bench import torch_side
+    from vit_jax.tools.bench import torch_side
 
     missing = "torch and timm not installed (pip install -r requirements-bench.txt)"
     monkeypatch.setattr(torch_side, "available", lambda library: missing)
@@ -277,17 +278,17 @@ def test_a_comparison_without_torch_is_announced_as_skipped_before_our_side_runs
 
 def test_helpshort_heads_the_flags_with_the_module_name():
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.benchmark", "--helpshort"],
+        [sys.executable, "-m", "vit_jax.tools.benchmark", "--helpshort"],
         capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "\nvit_jax.benchmark:\n" in result.stdout and "benchmark.py:" not in result.stdout
+    assert "\nvit_jax.tools.benchmark:\n" in result.stdout and "benchmark.py:" not in result.stdout
     assert "--json_out:" in result.stdout and "--[no]verbose:" in result.stdout
 
 
 def test_trainer_mode_refuses_a_directory_as_json_out_before_training(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.benchmark", "--trainer", f"--json_out={tmp_path}"],
+        [sys.executable, "-m", "vit_jax.tools.benchmark", "--trainer", f"--json_out={tmp_path}"],
         capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=120,
     )  # fmt: skip
     assert result.returncode == 1

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 import vit_jax
-from vit_jax import checkpoints, models, optim, sharding, train_state
+from vit_jax import checkpoints, sharding
+from vit_jax.model import vit
+from vit_jax.train import optim
+from vit_jax.train import state as train_state
 
 OPTIM = dict(
     name="adamw",
@@ -31,11 +34,11 @@ def setup():
         image_size=16,
         num_classes=10,
     )
-    params = models.param_shapes(model)
+    params = vit.param_shapes(model)
     tx, _ = optim.make_optimizer(OPTIM, {"name": "cosine", "warmup_steps": 2}, params, 10)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
     shapes = train_state.state_shapes(model, tx)
-    shardings = train_state.state_shardings(shapes, mesh, fsdp_min_size=2**14)
+    shardings = sharding.tree_shardings(shapes, mesh, fsdp_min_size=2**14)
     state = train_state.init_state(model, tx, shardings, jax.random.key(0))
 
     # One real update, so Adam's moments are non-zero and the step is not 0.

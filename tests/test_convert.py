@@ -3,7 +3,6 @@
 import functools
 import http.server
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -13,12 +12,14 @@ import threading
 import jax
 import numpy as np
 import pytest
-from helpers import FIXTURES, REPO, assert_params_identical, logits_of
+from helpers import FIXTURES, REPO, assert_params_identical, logits_of, subprocess_env
 from safetensors.numpy import load_file, save_file
 
 import vit_jax
-from vit_jax import convert, convert_cli, transfer
-from vit_jax.formats import timm
+from vit_jax.interop import save
+from vit_jax.interop.formats import timm_config
+from vit_jax.model import transfer
+from vit_jax.tools import convert as convert_cli
 
 POSEMB = transfer.POSEMB_KEY
 
@@ -193,7 +194,7 @@ def test_timm_no_embed_class_and_back(tmp_path):
     for fmt, name in (("timm", "again.safetensors"), ("npz", "again.npz")):
         vit_jax.save_pretrained(params, str(tmp_path / name), format=fmt, model=model)
         again, reloaded = vit_jax.load_pretrained(
-            str(tmp_path / name), **convert.reload_overrides(params, model.config, fmt)
+            str(tmp_path / name), **save.reload_overrides(params, model.config, fmt)
         )
         assert again.config == model.config
         assert_params_identical(reloaded, params)
@@ -218,7 +219,7 @@ def test_timm_hub_folder_and_wrapped_state_dict(tmp_path):
 
 
 def test_timm_names_parse_to_variants():
-    assert timm.parse_timm_name("vit_base_patch16_224.augreg_in21k") == dict(
+    assert timm_config.parse_timm_name("vit_base_patch16_224.augreg_in21k") == dict(
         hidden_size=768,
         mlp_dim=3072,
         num_heads=12,
@@ -226,8 +227,8 @@ def test_timm_names_parse_to_variants():
         patch_size=(16, 16),
         image_size=224,
     )
-    assert timm.parse_timm_name("vit_small_patch14_reg4_dinov2.lvd142m")["num_heads"] == 6
-    assert timm.parse_timm_name("resnet50") is None
+    assert timm_config.parse_timm_name("vit_small_patch14_reg4_dinov2.lvd142m")["num_heads"] == 6
+    assert timm_config.parse_timm_name("resnet50") is None
 
 
 def test_hf_vit_model_with_pooler_round_trip(tmp_path):
@@ -254,7 +255,7 @@ def test_map_head_qk_norm_no_bias_through_timm(tmp_path):
         num_classes=3, pool="map", qk_norm=True, qkv_bias=False, gelu_approximate=False,
     )  # fmt: skip
     rng = np.random.default_rng(0)
-    shapes = vit_jax.models.param_shapes(vit_jax.VisionTransformer(config))
+    shapes = vit_jax.model.vit.param_shapes(vit_jax.VisionTransformer(config))
     params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
     vit_jax.save_pretrained(params, str(tmp_path / "map.safetensors"), format="timm", model=config)
     state = load_file(str(tmp_path / "map.safetensors"))
@@ -311,7 +312,7 @@ def test_orbax_checkpoint_of_training(tmp_path):
 
 
 def test_http_download_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(convert, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("VIT_JAX_CACHE", str(tmp_path / "cache"))
     handler = functools.partial(
         http.server.SimpleHTTPRequestHandler, directory=fixture("vit_jax_gap")
     )
@@ -332,12 +333,12 @@ def test_http_download_is_cached(tmp_path, monkeypatch):
 def test_command_line_converts_timm_to_hf(tmp_path):
     result = subprocess.run(
         [
-            sys.executable, "-m", "vit_jax.convert",
+            sys.executable, "-m", "vit_jax.tools.convert",
             fixture("timm_token", "model.safetensors"), str(tmp_path / "hf"),
             "--to", "hf", "--set", "num_heads=4",
         ],
         cwd=REPO, capture_output=True, text=True, check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
+        env=subprocess_env(PYTHONPATH=str(REPO)),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
@@ -348,7 +349,7 @@ def test_command_line_converts_timm_to_hf(tmp_path):
 
 
 def test_command_line_reports_errors_without_traceback(tmp_path, capsys):
-    code = convert.main(
+    code = convert_cli.main(
         [fixture("timm_token", "model.safetensors"), str(tmp_path / "x.npz"), "--to", "npz"]
     )  # the heads are missing: the source cannot be read
     err = capsys.readouterr().err
@@ -371,7 +372,7 @@ def test_big_vision_two_tower_image_encoder(tmp_path):
 def test_command_line_hints_are_valid_shell(tmp_path, capsys):
     import shlex
 
-    convert.main(
+    convert_cli.main(
         [fixture("vit_jax_gap", "params.npz"), str(tmp_path / "t.safetensors"), "--to", "timm"]
     )
     out = capsys.readouterr().out
@@ -381,9 +382,9 @@ def test_command_line_hints_are_valid_shell(tmp_path, capsys):
     settings = dict(w.split("=", 1) for w in words if w != "--set")
     _, params = vit_jax.load_pretrained(fixture("vit_jax_gap", "params.npz"))
     config = vit_jax.load_pretrained(fixture("vit_jax_gap", "params.npz"))[0].config
-    expected = convert.reload_overrides(params, config, "timm")
+    expected = save.reload_overrides(params, config, "timm")
     assert {k: convert_cli.parse_value(v) for k, v in settings.items()} == expected
     # A tuple value survives the shell: the hint that failed when pasted.
     wide = {"image_size": [32, 32], "pool": "gap"}
-    words = shlex.split(convert.set_flags(wide))
+    words = shlex.split(convert_cli.set_flags(wide))
     assert [convert_cli.parse_value(w.split("=", 1)[1]) for w in words[1::2]] == [(32, 32), "gap"]

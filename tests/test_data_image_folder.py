@@ -1,4 +1,7 @@
-"""Image folders `<root>/<split>/<class>/*.{jpg,jpeg,png}` through the same pipeline as TFDS."""
+"""Image folders `<root>/<split>/<class>/*.{jpg,jpeg,png}` through the same pipeline as TFDS: labels
+from the class folders, grayscale and RGB alike, corrupt files named (or skipped and counted), a
+changed folder prepared again, and a layout that is not one (a stray file, an empty split, fewer
+than two classes with images) refused by name."""
 
 import io
 import logging
@@ -9,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import input_pipeline
-from vit_jax.tfds_builders import image_folder
+from vit_jax.data import pipeline
+from vit_jax.data.builders import image_folder
 
 DARK, LIGHT = 40, 210  # Pixel values of the two classes, so labels can be checked from pixels.
 
@@ -35,7 +38,7 @@ def make_folder(root):
 
 
 def folder_config(root, data_dir, **fields):
-    config = input_pipeline.default_data_config().to_dict()
+    config = pipeline.default_data_config().to_dict()
     config.update(dataset=root, data_dir=str(data_dir), image_size=8, batch_size=4)
     config.update(eval_batch_size=4, **fields)
     config["pp"].update(crop_area_range=None, flip=False)
@@ -49,7 +52,7 @@ def brightness_labels(batch):
 
 def test_folder_loads_with_labels_from_class_folders(tmp_path):
     root = make_folder(tmp_path / "pets")
-    data = input_pipeline.get_datasets(folder_config(root, tmp_path), 0, 1)
+    data = pipeline.get_datasets(folder_config(root, tmp_path), 0, 1)
     assert data.class_names == ("dark", "light") and data.num_classes == 2
     assert (data.num_train_examples, data.num_eval_examples) == (5, 3)
     assert data.source_image_shape == (None, None, 3)
@@ -85,7 +88,7 @@ def test_corrupt_files_raise_an_error_naming_them(tmp_path):
     add_corrupt_files(root)
     os.makedirs(tmp_path / "tfds_dir")
     with pytest.raises(ValueError, match="2 file.* not decodable images") as error:
-        input_pipeline.get_datasets(folder_config(root, tmp_path / "tfds_dir"), 0, 1)
+        pipeline.get_datasets(folder_config(root, tmp_path / "tfds_dir"), 0, 1)
     assert "train/dark/broken.jpg" in str(error.value)
     assert "test/light/truncated.png" in str(error.value)
     assert "skip_corrupt_images=True" in str(error.value)  # How to go on anyway.
@@ -100,7 +103,7 @@ def test_skip_mode_skips_and_counts_corrupt_files(tmp_path, caplog):
     for _ in range(2):  # Preparing, then loading the prepared copy: both report the skips.
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            data = input_pipeline.get_datasets(config, 0, 1)
+            data = pipeline.get_datasets(config, 0, 1)
         assert "2 undecodable file(s) were skipped" in caplog.text
     assert (data.num_train_examples, data.num_eval_examples) == (5, 3)
     skipped = sorted(data.builder.info.metadata["skipped_files"])
@@ -111,9 +114,9 @@ def test_skip_mode_skips_and_counts_corrupt_files(tmp_path, caplog):
 
 def test_changed_folder_is_prepared_again(tmp_path):
     root = make_folder(tmp_path / "pets")
-    assert input_pipeline.get_datasets(folder_config(root, tmp_path), 0, 1).num_train_examples == 5
+    assert pipeline.get_datasets(folder_config(root, tmp_path), 0, 1).num_train_examples == 5
     write_image(f"{root}/train/light/new.jpeg", LIGHT)
-    assert input_pipeline.get_datasets(folder_config(root, tmp_path), 0, 1).num_train_examples == 6
+    assert pipeline.get_datasets(folder_config(root, tmp_path), 0, 1).num_train_examples == 6
 
 
 def test_layout_errors(tmp_path):
@@ -127,3 +130,22 @@ def test_layout_errors(tmp_path):
         image_folder.scan_folder(root)
     with pytest.raises(ValueError, match="has no split folders"):
         image_folder.scan_folder(str(tmp_path / "pets" / "train" / "light" / "sub"))
+
+
+def class_folders(root, counts: dict[str, int]):
+    """train and test splits, each with `counts[name]` small PNGs in class folder `name`."""
+    for split in ("train", "test"):
+        for name, count in counts.items():
+            os.makedirs(f"{root}/{split}/{name}")
+            for i in range(count):
+                write_image(f"{root}/{split}/{name}/{i}.png", i, size=(4, 4))
+
+
+def test_an_image_folder_needs_two_classes_with_images(tmp_path, caplog):
+    class_folders(tmp_path / "one", {"cat": 2})
+    with pytest.raises(ValueError, match="1 class"):
+        image_folder.scan_folder(str(tmp_path / "one"))
+    class_folders(tmp_path / "empty", {"cat": 2, "dog": 2, "emu": 0})
+    listing = image_folder.scan_folder(str(tmp_path / "empty"))
+    assert listing.class_names == ("cat", "dog", "emu")
+    assert "emu" in caplog.text

@@ -139,14 +139,14 @@ def _check_num_channels():
 def _check_mixup_alpha(digits_data_dir):
     """Mixup mixes whole batches, so it is checked through the input pipeline itself: each row
     with the one before it (the first with the last), by one weight for the batch."""
-    from vit_jax import input_pipeline
+    from vit_jax.data import pipeline
 
-    config = input_pipeline.default_data_config()
+    config = pipeline.default_data_config()
     config.update(dict(data_dir=digits_data_dir, image_size=8, batch_size=16, eval_batch_size=16))
     config.pp.update(dict(crop_area_range=None, flip=False, num_channels=1))
-    plain = next(input_pipeline.get_datasets(config, 0, 1).train_iter())
+    plain = next(pipeline.get_datasets(config, 0, 1).train_iter())
     config.pp.mixup_alpha = 0.4
-    mixed = next(input_pipeline.get_datasets(config, 0, 1).train_iter())
+    mixed = next(pipeline.get_datasets(config, 0, 1).train_iter())
     classes = plain["label"].argmax(-1)
     row = int(np.flatnonzero(classes != np.roll(classes, 1))[0])  # its neighbour's class differs
     lam = mixed["label"][row, classes[row]]
@@ -194,7 +194,7 @@ def test_every_randaugment_op_is_reachable_and_changes_the_image(index):
     assert (op is randaugment.identity) == np.array_equal(by_index, low_contrast.numpy())
 
 
-# --- Datasets: the TFDS builders in vit_jax/tfds_builders/ -------------------------------------
+# --- Datasets: the TFDS builders in vit_jax/data/builders/ -------------------------------------
 
 
 def _digits(tmp_path, digits_data_dir):
@@ -215,11 +215,11 @@ BUILT_IN_DATASETS = {"digits": _digits, "vit_image_folder": _image_folder}
 def test_every_shipped_builder_has_a_way_to_open_it():
     import tensorflow_datasets as tfds
 
-    from vit_jax import tfds_builders
+    from vit_jax.data import builders
 
     shipped = {
         cls.name
-        for module in (getattr(tfds_builders, m) for m in tfds_builders.__all__)
+        for module in (getattr(builders, m) for m in builders.__all__)
         if inspect.ismodule(module)
         for cls in vars(module).values()
         if inspect.isclass(cls) and issubclass(cls, tfds.core.DatasetBuilder)
@@ -231,14 +231,14 @@ def test_every_shipped_builder_has_a_way_to_open_it():
 def test_every_shipped_dataset_trains_and_evaluates_through_the_pipeline(
     name, tmp_path, digits_data_dir
 ):
-    from vit_jax import input_pipeline
+    from vit_jax.data import pipeline
 
     dataset, data_dir = BUILT_IN_DATASETS[name](tmp_path, digits_data_dir)
-    config = input_pipeline.default_data_config()
+    config = pipeline.default_data_config()
     config.update(dict(dataset=dataset, data_dir=data_dir, image_size=8, batch_size=4))
     config.update(dict(eval_batch_size=4))
     config.pp.update(dict(crop_area_range=None, flip=False))
-    data = input_pipeline.get_datasets(config, 0, 1)
+    data = pipeline.get_datasets(config, 0, 1)
     assert data.builder.name == name and len(data.class_names) == data.num_classes >= 2
     batch = next(data.train_iter())
     assert (

@@ -5,7 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
-from vit_jax.tfds_builders import digits
+from vit_jax.data.builders import digits
 
 
 @pytest.fixture(scope="module")

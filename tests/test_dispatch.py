@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from test_trainer import FakeData, tiny_config
 
-from vit_jax import dispatch, trainer
+from vit_jax.train import dispatch, trainer
 
 
 def test_plan_groups_steps_between_boundaries_and_reaches_each_boundary_exactly():

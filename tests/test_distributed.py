@@ -3,8 +3,6 @@
 The multi-process runs themselves are in test_multiprocess.py; here everything is one process.
 """
 
-import os
-import pathlib
 import subprocess
 import sys
 import time
@@ -12,11 +10,10 @@ import time
 import jax
 import ml_collections
 import pytest
-from helpers import free_port, run_with_devices
+from helpers import REPO, free_port, run_with_devices, subprocess_env
 
 from vit_jax import distributed
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from vit_jax.tools import cpu_devices
 
 
 @pytest.mark.parametrize(
@@ -69,9 +66,25 @@ def test_scheduler_with_several_tasks_but_one_jax_process_is_an_error(
         distributed.initialize()
 
 
+# What `srun` sets for its tasks (all of them: JAX's SLURM detection wants each), less the count.
+SLURM_TASK = dict(
+    SLURM_JOB_ID="1234", SLURM_STEP_NODELIST="node1", SLURM_PROCID="0", SLURM_LOCALID="0"
+)
+
+
 def test_one_task_under_a_scheduler_is_a_plain_single_process_run(no_cluster, monkeypatch):
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    distributed.initialize()
+    for var, value in SLURM_TASK.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert distributed.multi_process_requested(None, None)  # JAX would see this SLURM job
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # `srun -n 1 python train.py`: one task
+    assert not distributed.multi_process_requested(None, None)
+    started = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: started.append(k))
+    distributed.initialize()  # no error: one task and one JAX process agree
+    assert started == []  # jax.distributed is not started: there is nobody to wait for
+    assert distributed.scheduler_task_count() == (1, "SLURM (SLURM_NTASKS=1)")
+    assert jax.process_count() == 1
 
 
 def _devices_config(**fields):
@@ -98,26 +111,26 @@ def _devices_config(**fields):
     ],
 )
 def test_cpu_devices_auto_takes_one_per_core_that_the_batches_allow(fields, cores, devices):
-    assert distributed.config_cpu_devices(_devices_config(**fields), cores) == devices
+    assert cpu_devices.count_for_config(_devices_config(**fields), cores) == devices
 
 
 def test_cpu_devices_bad_value_is_named():
     with pytest.raises(ValueError, match=r"config.cpu_devices=-2: 0 \(one per core\) or a"):
-        distributed.config_cpu_devices(_devices_config(cpu_devices=-2), 2)
+        cpu_devices.count_for_config(_devices_config(cpu_devices=-2), 2)
     with pytest.raises(ValueError, match=r"cpu_devices='2': 0 \(one per core\) or a device"):
-        distributed.cpu_device_count("2", [64], 2)
+        cpu_devices.count("2", [64], 2)
 
 
 def test_cpu_devices_leave_the_environment_and_multi_process_auto_alone(monkeypatch, no_cluster):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-    assert distributed.use_cpu_devices(2) is None
+    assert cpu_devices.use(2) is None
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
-    assert distributed.use_cpu_devices(2) is None
+    assert cpu_devices.use(2) is None
     monkeypatch.delenv("JAX_NUM_CPU_DEVICES")
-    assert distributed.use_cpu_devices(2, auto=True, multi_process=True) is None
+    assert cpu_devices.use(2, auto=True, multi_process=True) is None
     jax.devices()  # JAX has started in this process: its devices stay as they are
-    assert distributed.use_cpu_devices(jax.device_count() + 1) is None
+    assert cpu_devices.use(jax.device_count() + 1) is None
     assert distributed.multi_process_requested("h:1", 2) is True
     assert distributed.multi_process_requested(None, None) is False
 
@@ -134,17 +147,17 @@ def test_unreachable_coordinator_is_one_line_after_a_bounded_wait(tmp_path):
     workdir = tmp_path / "w"
     args = [
         sys.executable,
-        str(ROOT / "train.py"),
-        f"--config={ROOT / 'configs' / 'digits.py'}",
+        str(REPO / "train.py"),
+        f"--config={REPO / 'configs' / 'digits.py'}",
         f"--workdir={workdir}",
         f"--coordinator_address=127.0.0.1:{free_port()}",  # nothing listens there
         "--num_processes=2",
         "--process_id=1",
         "--distributed_init_timeout=3",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(import_checkout=True)
     start = time.monotonic()
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     waited = time.monotonic() - start
     assert proc.returncode != 0
     fatal = [line for line in proc.stderr.splitlines() if line.startswith("FATAL")]
@@ -159,7 +172,7 @@ import pathlib, sys
 sys.path.insert(0, {root!r})
 import jax
 from configs import digits
-from vit_jax import trainer
+from vit_jax.train import trainer
 assert jax.device_count() == 4
 workdir = pathlib.Path({workdir!r})
 for field, value, message in [
@@ -189,7 +202,7 @@ def test_mesh_and_batch_that_do_not_fit_the_devices_fail_before_anything_is_writ
     workdir = tmp_path / "w"
     workdir.mkdir()
     (workdir / "keep.txt").write_text("the user's")
-    code = BAD_MESH_AND_BATCH.format(root=str(ROOT), workdir=str(workdir), data_dir=digits_data_dir)
+    code = BAD_MESH_AND_BATCH.format(root=str(REPO), workdir=str(workdir), data_dir=digits_data_dir)
     assert run_with_devices(code, devices=4).strip().endswith("OK")
     assert (workdir / "keep.txt").read_text() == "the user's"
 
@@ -201,7 +214,7 @@ def test_mesh_and_batch_that_do_not_fit_the_devices_fail_before_anything_is_writ
 def test_resuming_on_another_process_count_says_whether_it_is_exact(
     order, expected, capsys, caplog
 ):
-    from vit_jax import train_state
+    from vit_jax.train import state as train_state
 
     train_state.warn_on_topology_change({"process_count": 4, "order": order, "step": 10})
     assert expected in capsys.readouterr().out + caplog.text

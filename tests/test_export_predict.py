@@ -2,7 +2,7 @@
 
 A short training run on the real digits pipeline writes an Orbax checkpoint (a sin-cos, class-token,
 grayscale model, so the exports must carry the image size, the fixed position embeddings and the input
-convention); `python -m vit_jax.convert` writes it as npz, timm and HF; `python -m vit_jax.predict`
+convention); `python -m vit_jax.tools.convert` writes it as npz, timm and HF; `python -m vit_jax.tools.predict`
 on the 360 test digits (PNG files) must give the same top-1 for every one of them as the Orbax
 checkpoint itself. Agreement between formats is what is tested, not accuracy.
 """
@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from configs import common
-from vit_jax import convert, predict, trainer
+from vit_jax.tools import convert as convert_cli
+from vit_jax.tools import predict
+from vit_jax.train import trainer
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +44,7 @@ def digits_run(digits_data_dir, tmp_path_factory):
     import tensorflow_datasets as tfds
 
     config = common.get_config()
-    config.model = common.model_config(
+    config.model = common.model_fields(
         None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, patch_size=(4, 4),
         pool="token", posemb="sincos2d", posemb_covers_prefix=False,
     )  # fmt: skip
@@ -77,7 +79,7 @@ def test_exports_predict_the_same_top1_as_the_orbax_checkpoint(digits_run, tmp_p
     assert correct > 36 * 3  # well above chance (36 of 360)
     destinations = {"npz": "d.npz", "timm": "d.safetensors", "hf": "d_hf"}
     for fmt, name in destinations.items():
-        convert.main([workdir, str(tmp_path / name), "--to", fmt])
+        convert_cli.main([workdir, str(tmp_path / name), "--to", fmt])
         out = capsys.readouterr().out
         assert "white on black" in out  # the input convention went along
         got, err = run_predict(capsys, str(tmp_path / name), images)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import TINY, random_params
 
-from vit_jax import layers, models
+from vit_jax.model import layers, vit
 
 IMAGES = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3), jnp.float32, -1, 1)
 
@@ -18,10 +18,10 @@ def logits_and_grads(model, params):
 
 @pytest.mark.parametrize("impl", ["einsum", "auto"])
 def test_attention_impls_match_jax_dot_product_attention(impl):
-    reference = models.create_model(None, attention_impl="xla", **TINY)
+    reference = vit.create_model(None, attention_impl="xla", **TINY)
     params = random_params(reference)
     ref_logits, ref_grads = logits_and_grads(reference, params)
-    logits, grads = logits_and_grads(models.create_model(None, attention_impl=impl, **TINY), params)
+    logits, grads = logits_and_grads(vit.create_model(None, attention_impl=impl, **TINY), params)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
     # atol: the key bias's gradient is exactly 0 in math (softmax ignores a per-query constant),
     # so both sides hold float noise of ~1e-6 there.
@@ -30,7 +30,7 @@ def test_attention_impls_match_jax_dot_product_attention(impl):
 
 
 def test_auto_resolves_per_backend():
-    cfg = models.get_config(None, attention_impl="auto", **TINY)
+    cfg = vit.get_config(None, attention_impl="auto", **TINY)
     assert layers.resolve_attention_impl(cfg, "cpu") == "einsum"
     assert layers.resolve_attention_impl(cfg, "tpu") == "xla"
     assert layers.resolve_attention_impl(cfg, "gpu") == "xla"  # float32: no cuDNN flash path
@@ -58,19 +58,38 @@ def test_padded_attention_equals_unpadded_in_values_and_gradients(q_tokens, kv_t
 @pytest.mark.parametrize("pool", ["token", "map"])  # 17 tokens (padded); 16 + MAP's 1-token probe
 def test_cudnn_route_gives_the_reference_logits(monkeypatch, pool):
     """The layer's cuDNN branch (padding; self- and MAP's cross-attention), with XLA's kernel standing
-    in for cuDNN's, which CPU lacks."""
-    reference = models.create_model(None, attention_impl="einsum", pool=pool, **TINY)
+    in for cuDNN's, which CPU lacks: jax.nn.dot_product_attention is asked for 'cudnn' and runs
+    'xla' instead (the `gpu` test below runs the real kernel)."""
+    reference = vit.create_model(None, attention_impl="einsum", pool=pool, **TINY)
     params = random_params(reference)
     ref_logits = reference.apply({"params": params}, IMAGES)
-    padded = layers.padded_dot_product_attention
-    monkeypatch.setattr(layers, "resolve_attention_impl", lambda cfg, backend=None: "cudnn")
-    monkeypatch.setattr(
-        layers, "padded_dot_product_attention", lambda q, k, v, m, impl: padded(q, k, v, m, "xla")
-    )
-    logits = models.create_model(None, attention_impl="cudnn", pool=pool, **TINY).apply(
+    kernel = jax.nn.dot_product_attention
+    asked = []
+
+    def xla_for_cudnn(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return kernel(*args, implementation="xla" if implementation == "cudnn" else implementation,
+                      **kwargs)  # fmt: skip
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_for_cudnn)
+    logits = vit.create_model(None, attention_impl="cudnn", pool=pool, **TINY).apply(
         {"params": params}, IMAGES
     )
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert asked and set(asked) == {"cudnn"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+@pytest.mark.parametrize("pool", ["token", "map"])
+def test_cudnn_kernel_gives_the_reference_logits_on_a_gpu(pool):
+    reference = vit.create_model(None, attention_impl="einsum", pool=pool, dtype="bfloat16", **TINY)
+    params = random_params(reference)
+    ref_logits = reference.apply({"params": params}, IMAGES)
+    logits = vit.create_model(
+        None, attention_impl="cudnn", pool=pool, dtype="bfloat16", **TINY
+    ).apply({"params": params}, IMAGES)
+    np.testing.assert_allclose(logits, ref_logits, rtol=2e-2, atol=2e-2)
 
 
 def test_tanh_gelu_in_sigmoid_form_is_flax_tanh_gelu():

@@ -1,6 +1,6 @@
 """The checkpoint-format registry: every registered format is wired end to end.
 
-For every format in `vit_jax.formats.REGISTRY` and a set of models covering every option: saving
+For every format in `vit_jax.interop.formats.REGISTRY` and a set of models covering every option: saving
 either refuses, naming the format and the reason, and writes nothing; or the written files are
 detected as that format and load back with no overrides to the same config, params and input
 convention (our files describe themselves). Plus timm's own config.json and names, the input
@@ -20,9 +20,11 @@ from helpers import FIXTURES, assert_params_identical
 from safetensors.numpy import load_file, save_file
 
 import vit_jax
-from vit_jax import convert, formats, preprocessing, transfer
-from vit_jax.formats import layout, timm, timm_config
-from vit_jax.formats.source import Source
+from vit_jax.interop import formats, input_convention, load
+from vit_jax.interop.formats import layout, timm, timm_config
+from vit_jax.interop.formats.source import Source
+from vit_jax.model import transfer
+from vit_jax.tools import convert as convert_cli
 
 INTERFACE = (
     "NAME", "detect", "read", "to_ours", "from_ours", "unrepresentable", "side_config",
@@ -50,12 +52,12 @@ REFUSED = {
     ("gap_registers_layerscale_qknorm_fcnorm", "hf"): "registers",
     ("map_no_bias_no_posemb", "hf"): "pool='map'",
 }
-PRE = preprocessing.Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+PRE = input_convention.Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 def random_params(config, seed=0):
     rng = np.random.default_rng(seed)
-    shapes = vit_jax.models.param_shapes(vit_jax.VisionTransformer(config))
+    shapes = vit_jax.model.vit.param_shapes(vit_jax.VisionTransformer(config))
     return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
 
 
@@ -85,8 +87,8 @@ def test_every_format_round_trips_or_says_why_not(name, fmt, tmp_path):
         assert not list(tmp_path.iterdir())  # nothing half-written
         return
     vit_jax.save_pretrained(params, path, format=fmt, model=config, preprocessing=PRE)
-    assert convert.detect_format(Source(path)) is formats.REGISTRY[fmt]
-    loaded = convert.load_checkpoint(path)  # no overrides: the files say it all
+    assert load.detect_format(Source(path)) is formats.REGISTRY[fmt]
+    loaded = load.load_checkpoint(path)  # no overrides: the files say it all
     assert loaded.config == config
     assert loaded.preprocessing == PRE
     assert_params_identical(loaded.params, params)
@@ -96,7 +98,7 @@ def test_sincos_table_is_exported_as_the_learned_posemb_it_equals(tmp_path):
     config, params = model("token_sincos")
     vit_jax.save_pretrained(params, str(tmp_path / "t.safetensors"), format="timm", model=config)
     vit_jax.save_pretrained(params, str(tmp_path / "hf"), format="hf", model=config)
-    table = np.asarray(vit_jax.models.posemb_sincos_2d((4, 4), 32))
+    table = np.asarray(vit_jax.model.vit.posemb_sincos_2d((4, 4), 32))
     state = load_file(str(tmp_path / "t.safetensors"))
     np.testing.assert_array_equal(state["pos_embed"], table)  # patches only: no_embed_class
     hf_state = load_file(str(tmp_path / "hf" / "model.safetensors"))
@@ -138,7 +140,7 @@ def test_timm_export_writes_timms_config_json(tmp_path):
     # tanh GELU included.
     weights = tmp_path / "hub" / "model.safetensors"
     save_file(load_file(str(weights)), str(weights))
-    loaded = convert.load_checkpoint(str(tmp_path / "hub"))
+    loaded = load.load_checkpoint(str(tmp_path / "hub"))
     assert loaded.config.replace(layerscale_init=1e-5) == config
     assert loaded.preprocessing.mean == PRE.mean and loaded.preprocessing.std == PRE.std
 
@@ -160,7 +162,7 @@ def test_timm_mlp_ratio_builds_exactly_mlp_dim():
             assert int(hidden * ratio) == mlp, (hidden, mlp, ratio)
             assert abs(ratio - mlp / hidden) <= 4 * math.ulp(mlp / hidden)  # the nearest such
     config = vit_jax.get_config(**{**SMALL, "hidden_size": 352, "mlp_dim": 960, "num_heads": 4})
-    written = json.loads(json.dumps(timm.hub_config(config, PRE)))["model_args"]["mlp_ratio"]
+    written = json.loads(json.dumps(timm_config.hub_config(config, PRE)))["model_args"]["mlp_ratio"]
     assert int(352 * written) == 960  # survives the JSON round trip
 
 
@@ -178,25 +180,25 @@ def test_timm_mlp_ratio_builds_exactly_mlp_dim():
     ],
 )
 def test_timm_model_names(name, expected):
-    fields = timm.parse_timm_name(name)
+    fields = timm_config.parse_timm_name(name)
     assert {k: fields[k] for k in expected} == expected
     vit_jax.get_config(**fields)  # a valid model
 
 
 def test_timm_names_that_we_cannot_build_say_so():
     with pytest.raises(ValueError, match="distilled"):
-        timm.parse_timm_name("deit_base_distilled_patch16_224")
+        timm_config.parse_timm_name("deit_base_distilled_patch16_224")
 
 
 def test_deit_name_brings_imagenet_normalization(tmp_path):
     config = vit_jax.get_config(**{**SMALL, "gelu_approximate": False})
     tensors = timm.from_ours(transfer.flatten(random_params(config)), config)
     save_file(tensors, str(tmp_path / "deit.safetensors"))  # a bare timm file, no config
-    loaded = convert.load_checkpoint(
+    loaded = load.load_checkpoint(
         str(tmp_path / "deit.safetensors"), variant="deit_tiny_patch16_224",
         hidden_size=32, num_heads=4, num_layers=2, mlp_dim=64, patch_size=4, image_size=16,
     )  # fmt: skip
-    assert loaded.preprocessing.mean == preprocessing.IMAGENET_MEAN
+    assert loaded.preprocessing.mean == input_convention.IMAGENET_MEAN
 
 
 # --- Preprocessing from foreign configs ---------------------------------------------------------------
@@ -214,7 +216,7 @@ def test_hf_preprocessor_config_mean_std_are_used(tmp_path):
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     del hf_config["vit_jax"]  # as HF itself writes it
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config))
-    loaded = convert.load_checkpoint(str(tmp_path / "hf"))
+    loaded = load.load_checkpoint(str(tmp_path / "hf"))
     assert (loaded.preprocessing.mean, loaded.preprocessing.std) == (PRE.mean, PRE.std)
     white = np.full((16, 16, 3), 255, np.uint8)
     x = loaded.preprocessing.apply(white, (16, 16), 3)
@@ -226,7 +228,7 @@ def test_guessed_settings_are_warned(tmp_path, caplog):
     tensors = timm.from_ours(transfer.flatten(params), config)
     save_file(tensors, str(tmp_path / "bare.safetensors"))  # no posemb, no config: size unknown
     with caplog.at_level("WARNING", logger="vit_jax"):
-        loaded = convert.load_checkpoint(str(tmp_path / "bare.safetensors"), num_heads=4)
+        loaded = load.load_checkpoint(str(tmp_path / "bare.safetensors"), num_heads=4)
     assert loaded.config.image_size == (224, 224)
     assert "guessed image_size=[224, 224]" in caplog.text
     assert "guessed the input convention" in caplog.text
@@ -267,7 +269,7 @@ def test_existing_destination_is_refused_unless_overwrite(fmt, name, kept, refus
     assert (tmp_path / kept).read_text() == "the user's own\n"
     assert files_under(tmp_path) == sorted({kept, os.path.dirname(kept)} - {""})
     save(tmp_path / name, fmt, overwrite=True)
-    assert convert.load_checkpoint(str(tmp_path / name)).config == model("token_learned_tanh")[0]
+    assert load.load_checkpoint(str(tmp_path / name)).config == model("token_learned_tanh")[0]
 
 
 @pytest.mark.parametrize("fmt", ["timm", "hf"])
@@ -310,7 +312,7 @@ def test_folder_where_a_file_goes_is_refused_even_with_overwrite(tmp_path):
 def test_missing_parent_folders_are_created(fmt, name, tmp_path):
     path = tmp_path / "new" / "deeper" / name
     save(path, fmt)
-    assert convert.load_checkpoint(str(path)).config == model("token_learned_tanh")[0]
+    assert load.load_checkpoint(str(path)).config == model("token_learned_tanh")[0]
 
 
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -327,10 +329,10 @@ def test_command_line_refuses_an_existing_destination_before_reading(tmp_path, c
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     missing = str(tmp_path / "no_such_source.npz")  # not read: the destination is checked first
-    assert convert.main([missing, str(notes), "--to", "npz"]) == 1
+    assert convert_cli.main([missing, str(notes), "--to", "npz"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"FATAL ValueError: {notes} already exists") and "--overwrite" in err
     assert notes.read_text() == "my notes\n"
     source = str(FIXTURES / "vit_jax_gap" / "params.npz")
-    assert convert.main([source, str(notes), "--to", "npz", "--overwrite"]) == 0
-    assert convert.load_checkpoint(str(notes)).config == convert.load_checkpoint(source).config
+    assert convert_cli.main([source, str(notes), "--to", "npz", "--overwrite"]) == 0
+    assert load.load_checkpoint(str(notes)).config == load.load_checkpoint(source).config

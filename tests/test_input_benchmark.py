@@ -1,4 +1,4 @@
-"""`python -m vit_jax.data.input_benchmark`: bad flags are one FATAL line before any image is read."""
+"""`python -m vit_jax.tools.input_benchmark`: bad flags are one FATAL line before any image is read."""
 
 import subprocess
 import sys
@@ -6,10 +6,10 @@ import sys
 import pytest
 from helpers import REPO, subprocess_env
 
-from vit_jax import cli, input_pipeline
-from vit_jax.data import input_benchmark
+from vit_jax.data import pipeline
+from vit_jax.tools import cli, input_benchmark
 
-PROG = "FATAL python -m vit_jax.data.input_benchmark:"
+PROG = "FATAL python -m vit_jax.tools.input_benchmark:"
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def run_main(monkeypatch, capsys):
 
     def run(args, *, real=False):
         if not real:
-            monkeypatch.setattr(input_pipeline, "get_datasets", refused("get_datasets"))
+            monkeypatch.setattr(pipeline, "get_datasets", refused("get_datasets"))
             monkeypatch.setattr(input_benchmark, "make_jpeg_folder", refused("make_jpeg_folder"))
         capsys.readouterr()
         try:
@@ -78,7 +78,7 @@ def test_a_tiny_run_prints_both_speeds(run_main, tmp_path):
 
 def test_the_command_line_shows_no_traceback_and_no_library_logs():
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.data.input_benchmark", "--dataset", "nope"],
+        [sys.executable, "-m", "vit_jax.tools.input_benchmark", "--dataset", "nope"],
         capture_output=True, text=True, cwd=REPO, env=subprocess_env(), timeout=180,
     )  # fmt: skip
     assert result.returncode == 2

@@ -1,4 +1,4 @@
-"""vit_jax.input_pipeline: batches, multi-process shares, eval padding, determinism, bad input."""
+"""vit_jax.data.pipeline: batches, multi-process shares, eval padding, determinism, bad input."""
 
 import collections
 import itertools
@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vit_jax import input_pipeline
-from vit_jax.data import sources
+from vit_jax.data import pipeline, sources
 
 
 def make_config(data_dir, **fields):
     """Digits at 8 px with no augmentation: output pixels are exactly the stored pixels."""
-    config = input_pipeline.default_data_config().to_dict()
+    config = pipeline.default_data_config().to_dict()
     config.update(data_dir=data_dir, image_size=8, batch_size=64, eval_batch_size=64)
     config["pp"].update(crop_area_range=None, flip=False, num_channels=1)
     config["pp"].update(fields.pop("pp", {}))
@@ -77,7 +76,7 @@ def mock_metadata_dir(tmp_path_factory):
     [("cifar10", "test", 10, 1), ("imagenet2012", "validation", 1000, 2)],
 )
 def test_mock_tfds_dataset_batches(mock_metadata_dir, name, eval_split, num_classes, process_count):
-    config = input_pipeline.default_data_config()
+    config = pipeline.default_data_config()
     config.update(
         dict(dataset=name, data_dir=mock_metadata_dir, eval_split=eval_split, image_size=24)
     )
@@ -86,7 +85,7 @@ def test_mock_tfds_dataset_batches(mock_metadata_dir, name, eval_split, num_clas
         config.pp.eval_crop_fraction = 0.875
     policy = tfds.testing.MockPolicy.USE_FILES
     with tfds.testing.mock_data(MOCK_EXAMPLES, policy=policy, data_dir=mock_metadata_dir):
-        data = input_pipeline.get_datasets(config, process_index=0, process_count=process_count)
+        data = pipeline.get_datasets(config, process_index=0, process_count=process_count)
         train = take(data.train_iter(), 4)  # More than one epoch of this process's share.
         evals = list(data.eval_iter())
     assert data.num_classes == num_classes
@@ -115,7 +114,7 @@ def test_mock_tfds_dataset_batches(mock_metadata_dir, name, eval_split, num_clas
 
 
 def test_sizes_come_from_dataset_info(digits_data_dir):
-    data = input_pipeline.get_datasets(make_config(digits_data_dir), 0, 1)
+    data = pipeline.get_datasets(make_config(digits_data_dir), 0, 1)
     assert (data.num_classes, data.num_train_examples, data.num_eval_examples) == (10, 1437, 360)
     assert data.class_names == tuple(str(k) for k in range(10))
     assert data.image_shape == (8, 8, 1) and data.source_image_shape == (8, 8, 1)
@@ -124,7 +123,7 @@ def test_sizes_come_from_dataset_info(digits_data_dir):
 def global_batches(config, process_count, steps, start_step=0):
     """Each step's global batch: the processes' rows concatenated in process order."""
     parts = [
-        take(input_pipeline.get_datasets(config, i, process_count).train_iter(start_step), steps)
+        take(pipeline.get_datasets(config, i, process_count).train_iter(start_step), steps)
         for i in range(process_count)
     ]
     return [
@@ -161,7 +160,7 @@ def test_eval_counts_every_example_exactly_once(digits_data_dir, process_count, 
     )
     seen, batch_counts = collections.Counter(), set()
     for process_index in range(process_count):
-        data = input_pipeline.get_datasets(config, process_index, process_count)
+        data = pipeline.get_datasets(config, process_index, process_count)
         batches = list(data.eval_iter())
         batch_counts.add(len(batches))
         for batch in batches:
@@ -176,7 +175,7 @@ def test_eval_counts_every_example_exactly_once(digits_data_dir, process_count, 
 
 
 def test_eval_iter_repeats_identically(digits_data_dir):
-    data = input_pipeline.get_datasets(make_config(digits_data_dir, image_size=12), 0, 1)
+    data = pipeline.get_datasets(make_config(digits_data_dir, image_size=12), 0, 1)
     first, second = list(data.eval_iter()), list(data.eval_iter())  # Second pass: from cache.
     assert len(first) == len(second) == 6
     for a, b in zip(first, second, strict=True):
@@ -204,7 +203,7 @@ AUGMENTED = dict(
 def test_same_seed_same_batches_other_seed_other_batches(digits_data_dir):
     def first_batches(seed):
         config = make_config(digits_data_dir, seed=seed, **AUGMENTED)
-        return take(input_pipeline.get_datasets(config, 0, 1).train_iter(), 2)
+        return take(pipeline.get_datasets(config, 0, 1).train_iter(), 2)
 
     a, b, c = first_batches(0), first_batches(0), first_batches(1)
     for x, y in zip(a, b, strict=True):
@@ -216,7 +215,7 @@ def test_same_seed_same_batches_other_seed_other_batches(digits_data_dir):
 @pytest.mark.parametrize("process_index, process_count", [(0, 1), (1, 2)])
 def test_restart_at_step_equals_uninterrupted_stream(digits_data_dir, process_index, process_count):
     config = make_config(digits_data_dir, **AUGMENTED)
-    data = input_pipeline.get_datasets(config, process_index, process_count)
+    data = pipeline.get_datasets(config, process_index, process_count)
     assert data.num_train_examples == 400
     steps_per_epoch = 400 / process_count / data.local_batch_size
     stream = take(data.train_iter(), int(2 * steps_per_epoch) + 2)
@@ -231,7 +230,7 @@ def test_restart_at_step_equals_uninterrupted_stream(digits_data_dir, process_in
 
 def test_augmented_batches_are_well_formed(digits_data_dir):
     config = make_config(digits_data_dir, **AUGMENTED)
-    batch = next(input_pipeline.get_datasets(config, 0, 1).train_iter())
+    batch = next(pipeline.get_datasets(config, 0, 1).train_iter())
     assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
     # Grayscale digits became 3 identical channels.
@@ -244,17 +243,17 @@ def test_augmented_batches_are_well_formed(digits_data_dir):
 
 def test_label_smoothing_values(digits_data_dir):
     config = make_config(digits_data_dir, pp=dict(label_smoothing=0.2))
-    labels = next(input_pipeline.get_datasets(config, 0, 1).train_iter())["label"]
+    labels = next(pipeline.get_datasets(config, 0, 1).train_iter())["label"]
     np.testing.assert_allclose(np.sort(np.unique(labels)), [0.02, 0.82], rtol=1e-6)
     np.testing.assert_allclose(labels.sum(-1), 1.0, rtol=1e-6)
-    eval_labels = next(input_pipeline.get_datasets(config, 0, 1).eval_iter())["label"]
+    eval_labels = next(pipeline.get_datasets(config, 0, 1).eval_iter())["label"]
     assert_one_hot(eval_labels, 10)  # Eval labels are never smoothed.
 
 
 def test_mixup_is_a_convex_mix_of_neighbours(digits_data_dir):
-    plain = next(input_pipeline.get_datasets(make_config(digits_data_dir), 0, 1).train_iter())
+    plain = next(pipeline.get_datasets(make_config(digits_data_dir), 0, 1).train_iter())
     config = make_config(digits_data_dir, pp=dict(mixup_alpha=1.0))
-    mixed = next(input_pipeline.get_datasets(config, 0, 1).train_iter())
+    mixed = next(pipeline.get_datasets(config, 0, 1).train_iter())
     # Same order and augmentation; mixup only combines x with roll(x, 1).
     x, y = plain["image"], plain["label"]
     other = np.roll(x, 1, axis=0) - x
@@ -290,6 +289,8 @@ def no_data_access(monkeypatch):
         (dict(pp=dict(crop_area_range=(0.5, 0.1))), 1, r"crop_area_range=\(0.5, 0.1\)"),
         (dict(pp=dict(eval_crop_fraction=0)), 1, r"eval_crop_fraction=0 is invalid"),
         (dict(pp=dict(randaugment_magnitude=31)), 1, r"randaugment_magnitude=31 .* \[0, 30\]"),
+        (dict(in_memory_max_bytes=-1), 1, r"config.in_memory_max_bytes=-1 is invalid: must be an"),
+        (dict(in_memory_max_bytes=1.5), 1, r"config.in_memory_max_bytes=1.5 is invalid: .* >= 0"),
         (
             dict(pp=dict(label_smothing=0.1)),
             1,
@@ -300,7 +301,7 @@ def no_data_access(monkeypatch):
 def test_bad_config_values(no_data_access, fields, process_count, message):
     config = make_config("/unused", **fields)
     with pytest.raises(ValueError, match=message):
-        input_pipeline.get_datasets(config, 0, process_count)
+        pipeline.get_datasets(config, 0, process_count)
 
 
 @pytest.fixture
@@ -310,13 +311,13 @@ def no_pipeline(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a pipeline was built before the dataset was validated")
 
-    monkeypatch.setattr(input_pipeline, "Data", fail)
+    monkeypatch.setattr(pipeline, "Data", fail)
 
 
 def test_unknown_dataset_name(no_pipeline, digits_data_dir):
     config = make_config(digits_data_dir, dataset="digitz")
     with pytest.raises(ValueError, match="Unknown dataset config.dataset='digitz'") as error:
-        input_pipeline.get_datasets(config, 0, 1)
+        pipeline.get_datasets(config, 0, 1)
     # The message says how to name or prepare one.
     for hint in ("'digits'", "tfds build", "tfds.list_builders()", "<root>/<split>/<class_name>"):
         assert hint in str(error.value)
@@ -325,27 +326,27 @@ def test_unknown_dataset_name(no_pipeline, digits_data_dir):
 def test_missing_image_folder(no_pipeline, tmp_path):
     config = make_config(None, dataset=str(tmp_path / "no_such_folder"))
     with pytest.raises(FileNotFoundError, match="no_such_folder.* does not exist"):
-        input_pipeline.get_datasets(config, 0, 1)
+        pipeline.get_datasets(config, 0, 1)
 
 
 def test_missing_data_dir(no_pipeline, tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=f"config.data_dir='{missing}' does not exist"):
-        input_pipeline.get_datasets(make_config(missing), 0, 1)
+        pipeline.get_datasets(make_config(missing), 0, 1)
 
 
 @pytest.mark.parametrize("field", ["train_split", "eval_split"])
 def test_nonexistent_split(no_pipeline, digits_data_dir, field):
     config = make_config(digits_data_dir, **{field: "validation"})
     with pytest.raises(ValueError, match=f"config.{field}='validation' is not a split") as error:
-        input_pipeline.get_datasets(config, 0, 1)
+        pipeline.get_datasets(config, 0, 1)
     assert "['test', 'train']" in str(error.value)  # What is available.
 
 
 def test_tfds_name_wins_over_same_named_folder(digits_data_dir, tmp_path, monkeypatch):
     (tmp_path / "digits" / "train" / "a").mkdir(parents=True)  # Not an image folder at all.
     monkeypatch.chdir(tmp_path)
-    data = input_pipeline.get_datasets(make_config(digits_data_dir), 0, 1)
+    data = pipeline.get_datasets(make_config(digits_data_dir), 0, 1)
     assert data.builder.name == "digits" and data.num_train_examples == 1437
     with pytest.raises(ValueError, match="start_step=-1 is invalid"):
         data.train_iter(start_step=-1)
@@ -358,13 +359,11 @@ def test_unprepared_dataset_that_cannot_download(no_pipeline, tmp_path, monkeypa
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
     config = make_config(str(tmp_path), dataset="cifar10")
     with pytest.raises(RuntimeError, match="'cifar10' is not prepared in .*no network") as error:
-        input_pipeline.get_datasets(config, 0, 1)
+        pipeline.get_datasets(config, 0, 1)
     assert "tfds build cifar10 --data_dir=DIR" in str(error.value)
 
 
-def test_array_record_data_source_gives_the_same_global_batches(
-    digits_data_dir, tmp_path, monkeypatch
-):
+def test_array_record_data_source_gives_the_same_global_batches(digits_data_dir, tmp_path):
     """A split too large for memory is read by index from ArrayRecord: the same order as in memory."""
     config = make_config(digits_data_dir, **AUGMENTED)
     in_memory = global_batches(config, 1, 2, start_step=12)
@@ -372,18 +371,16 @@ def test_array_record_data_source_gives_the_same_global_batches(
     tfds.builder(
         "digits", data_dir=array_record_dir, file_format="array_record"
     ).download_and_prepare()
-    monkeypatch.setattr(input_pipeline, "_IN_MEMORY_MAX_BYTES", 0)
-    config = make_config(array_record_dir, **AUGMENTED)
-    assert input_pipeline.get_datasets(config, 0, 2).order == "global"
+    config = make_config(array_record_dir, **AUGMENTED, in_memory_max_bytes=0)
+    assert pipeline.get_datasets(config, 0, 2).order == "global"
     from_source = global_batches(config, 2, 2, start_step=12)
     for a, b in zip(in_memory, from_source, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
-def test_large_tfrecord_split_streams_per_process_and_says_so(digits_data_dir, monkeypatch, caplog):
-    monkeypatch.setattr(input_pipeline, "_IN_MEMORY_MAX_BYTES", 0)
-    data = input_pipeline.get_datasets(make_config(digits_data_dir), 1, 2)
+def test_large_tfrecord_split_streams_per_process_and_says_so(digits_data_dir, caplog):
+    data = pipeline.get_datasets(make_config(digits_data_dir, in_memory_max_bytes=0), 1, 2)
     assert data.order == "per_process"
     assert "not ArrayRecord (no random access)" in caplog.text
     assert next(data.train_iter())["image"].shape == (32, 8, 8, 1)

@@ -3,6 +3,7 @@
 import json
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +12,11 @@ from flax import traverse_util
 from helpers import FIXTURES, TINY, random_params
 
 import vit_jax
-from vit_jax import layers, models
+from vit_jax.model import layers, vit
+from vit_jax.model.config import get_config
 
 
-def tiny(**overrides) -> models.VisionTransformer:
+def tiny(**overrides) -> vit.VisionTransformer:
     return vit_jax.create_model(None, **{**TINY, "num_classes": 10, **overrides})
 
 
@@ -28,7 +30,7 @@ def images(batch=2, size=(16, 16), seed=0):
 @pytest.mark.parametrize("pool", ["token", "gap", "map", "none"])
 def test_output_shape_for_every_pooling(pool):
     model = tiny(pool=pool)
-    params = models.init_params(model, jax.random.key(0))
+    params = vit.init_params(model, jax.random.key(0))
     logits = model.apply({"params": params}, images(batch=3))
     expected_tokens = 16 + (1 if pool == "token" else 0)
     if pool == "none":
@@ -41,7 +43,7 @@ def test_output_shape_for_every_pooling(pool):
 def test_map_pooling_has_qkv_biases_even_without_them_in_the_encoder():
     # As big_vision's MAPHead and timm's attn_pool (which a timm export must load into strictly).
     model = vit_jax.create_model(None, pool="map", qkv_bias=False, **TINY)
-    keys = {"/".join(k) for k in traverse_util.flatten_dict(models.param_shapes(model))}
+    keys = {"/".join(k) for k in traverse_util.flatten_dict(vit.param_shapes(model))}
     pool = "MAPHead_0/MultiHeadDotProductAttention_0"
     assert {f"{pool}/{n}/bias" for n in ("query", "key", "value")} <= keys
     assert not [k for k in keys if k.startswith("Transformer/") and k.endswith("query/bias")]
@@ -49,7 +51,7 @@ def test_map_pooling_has_qkv_biases_even_without_them_in_the_encoder():
 
 def test_no_head_returns_the_pooled_representation():
     model = tiny(num_classes=0, representation_size=24)
-    params = models.init_params(model, jax.random.key(0))
+    params = vit.init_params(model, jax.random.key(0))
     chex.assert_shape(model.apply({"params": params}, images()), (2, 24))
     assert "head" not in params
 
@@ -70,8 +72,8 @@ PARAM_COUNTS = {
 
 @pytest.mark.parametrize("variant", PARAM_COUNTS)
 def test_parameter_count_at_224px(variant):
-    shapes = models.param_shapes(vit_jax.create_model(variant, num_classes=1000))
-    assert models.count_params(shapes) == PARAM_COUNTS[variant]
+    shapes = vit.param_shapes(vit_jax.create_model(variant, num_classes=1000))
+    assert vit.count_params(shapes) == PARAM_COUNTS[variant]
 
 
 def published_b16_shapes():
@@ -104,18 +106,16 @@ def published_b16_shapes():
 
 
 def test_b16_has_exactly_the_published_keys_and_shapes():
-    shapes = traverse_util.flatten_dict(
-        models.param_shapes(vit_jax.create_model("ViT-B/16")), sep="/"
-    )
+    shapes = traverse_util.flatten_dict(vit.param_shapes(vit_jax.create_model("ViT-B/16")), sep="/")
     expected = published_b16_shapes()
     assert len(expected) == 200
     assert {k: tuple(v.shape) for k, v in shapes.items()} == expected
 
 
 def test_options_add_keys_but_never_rename_the_published_ones():
-    plain = traverse_util.flatten_dict(models.param_shapes(tiny()), sep="/")
+    plain = traverse_util.flatten_dict(vit.param_shapes(tiny()), sep="/")
     rich = traverse_util.flatten_dict(
-        models.param_shapes(
+        vit.param_shapes(
             tiny(num_registers=2, layerscale_init=0.1, qk_norm=True, representation_size=32)
         ),
         sep="/",
@@ -163,8 +163,8 @@ def test_patchify_matches_the_patch_embedding_conv():
     params = random_params(model)
     x = images(size=(16, 24))
     embedding = params["embedding"]
-    conv_tokens = models.PatchEmbedding(model.config).apply({"params": embedding}, x)
-    flat = models.patchify(x, 4)
+    conv_tokens = vit.PatchEmbedding(model.config).apply({"params": embedding}, x)
+    flat = vit.patchify(x, 4)
     linear_tokens = flat @ embedding["kernel"].reshape(-1, 32) + embedding["bias"]
     chex.assert_shape(flat, (2, 4 * 6, 4 * 4 * 3))
     chex.assert_trees_all_close(conv_tokens, linear_tokens, atol=1e-5)
@@ -172,7 +172,7 @@ def test_patchify_matches_the_patch_embedding_conv():
 
 def test_patchify_flattens_each_patch_row_major():
     x = jnp.arange(2 * 4 * 6 * 1, dtype=jnp.float32).reshape(2, 4, 6, 1)
-    patches = models.patchify(x, (2, 3))
+    patches = vit.patchify(x, (2, 3))
     np.testing.assert_array_equal(patches[0, 1], np.asarray(x[0, 0:2, 3:6, 0]).reshape(-1))
 
 
@@ -215,7 +215,7 @@ def test_bfloat16_compute_stays_close_to_float32():
 
 
 def test_params_stay_float32_under_bfloat16_compute():
-    shapes = models.param_shapes(tiny(dtype="bfloat16"))
+    shapes = vit.param_shapes(tiny(dtype="bfloat16"))
     assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype("float32")}
 
 
@@ -231,13 +231,13 @@ def test_dropout_and_drop_path_are_identity_at_eval_only():
 
 
 def test_drop_path_rate_rises_linearly_with_depth():
-    rates = models.drop_path_rates(
+    rates = layers.drop_path_rates(
         vit_jax.get_config(None, **{**TINY, "num_layers": 5}, drop_path_rate=0.2)
     )
     np.testing.assert_allclose(rates, [0.0, 0.05, 0.1, 0.15, 0.2], atol=1e-7)
     # A single block gets the configured rate rather than none at all.
     single = vit_jax.get_config(None, **{**TINY, "num_layers": 1}, drop_path_rate=0.2)
-    np.testing.assert_allclose(models.drop_path_rates(single), [0.2])
+    np.testing.assert_allclose(layers.drop_path_rates(single), [0.2])
 
 
 def test_drop_path_drops_whole_examples_and_rescales():
@@ -254,19 +254,19 @@ def test_scan_and_loop_agree_given_the_same_params(remat_policy):
     loop = tiny(layerscale_init=0.5, remat_policy=remat_policy)
     scan = tiny(layerscale_init=0.5, remat_policy=remat_policy, scan=True)
     params = random_params(loop)
-    stacked = models.stack_layers(params, num_layers=2)
-    chex.assert_trees_all_equal_shapes(stacked, models.param_shapes(scan))
+    stacked = vit.stack_layers(params, num_layers=2)
+    chex.assert_trees_all_equal_shapes(stacked, vit.param_shapes(scan))
     chex.assert_trees_all_close(
         scan.apply({"params": stacked}, images()),
         loop.apply({"params": params}, images()),
         atol=1e-5,
     )
-    chex.assert_trees_all_equal(models.unstack_layers(stacked), params)
+    chex.assert_trees_all_equal(vit.unstack_layers(stacked), params)
 
 
 def test_scan_returns_per_layer_attention_and_tokens():
     scan = tiny(scan=True)
-    params = models.stack_layers(random_params(tiny()), num_layers=2)
+    params = vit.stack_layers(random_params(tiny()), num_layers=2)
     _, aux = scan.apply(
         {"params": params}, images(), return_attention=True, return_intermediates=True
     )
@@ -292,7 +292,7 @@ def test_intermediates_are_the_per_layer_tokens():
     chex.assert_shape(aux["tokens"], (2, 2, 17, 32))
     chex.assert_shape(aux["pre_logits"], (2, 32))
     # The encoded tokens are the last layer's tokens after the final LayerNorm.
-    normed = models.nn.LayerNorm(1e-6).apply(
+    normed = nn.LayerNorm(1e-6).apply(
         {"params": params["Transformer"]["encoder_norm"]}, aux["tokens"][-1]
     )
     chex.assert_trees_all_close(normed, aux["encoded"], atol=1e-5)
@@ -302,11 +302,11 @@ def test_other_resolutions_resample_the_position_embeddings():
     # Bilinear resampling of a ramp along the width: 4 -> 8 columns, half-pixel centres, so output
     # column j reads input position j/2 - 1/4 (clamped to the edges); rows are copied.
     ramp = jnp.tile(jnp.arange(4.0), (4, 1)).reshape(1, 16, 1)
-    resized = models.resize_posemb_grid(ramp, (4, 4), (6, 8)).reshape(6, 8)
+    resized = vit.resize_posemb_grid(ramp, (4, 4), (6, 8)).reshape(6, 8)
     expected = np.clip(np.arange(8) / 2 - 0.25, 0, 3)
     np.testing.assert_allclose(resized, np.tile(expected, (6, 1)), atol=1e-6)
     posemb = ramp.repeat(32, axis=-1)
-    chex.assert_trees_all_equal(models.resize_posemb_grid(posemb, (4, 4), (4, 4)), posemb)
+    chex.assert_trees_all_equal(vit.resize_posemb_grid(posemb, (4, 4), (4, 4)), posemb)
 
     # At 24x32 px the model uses exactly those resampled rows (class row kept): the same logits as
     # a model built at 24x32 whose table was resampled beforehand.
@@ -314,7 +314,7 @@ def test_other_resolutions_resample_the_position_embeddings():
     params = random_params(model)
     table = params["Transformer"]["posembed_input"]["pos_embedding"]
     resampled = jnp.concatenate(
-        [table[:, :1], models.resize_posemb_grid(table[:, 1:], (4, 4), (6, 8))], axis=1
+        [table[:, :1], vit.resize_posemb_grid(table[:, 1:], (4, 4), (6, 8))], axis=1
     )
     native = tiny(image_size=(24, 32))
     native_params = jax.tree.map(lambda x: x, params)
@@ -327,9 +327,9 @@ def test_other_resolutions_resample_the_position_embeddings():
 
 def test_sincos_posemb_has_no_parameter_and_is_fixed():
     model = tiny(posemb="sincos2d", pool="map")
-    params = models.init_params(model, jax.random.key(0))
+    params = vit.init_params(model, jax.random.key(0))
     assert "posembed_input" not in params["Transformer"]
-    emb = models.posemb_sincos_2d((4, 4), 32)
+    emb = vit.posemb_sincos_2d((4, 4), 32)
     chex.assert_shape(emb, (1, 16, 32))
     np.testing.assert_allclose(emb[0, 0], [0.0] * 8 + [1.0] * 8 + [0.0] * 8 + [1.0] * 8)
 
@@ -357,7 +357,7 @@ def test_published_vit_jax_fixture_is_a_plain_unflatten(fixture, overrides):
     )
     with np.load(folder / "params.npz") as npz:
         params = traverse_util.unflatten_dict({tuple(k.split("/")): npz[k] for k in npz.files})
-    chex.assert_trees_all_equal_shapes(params, models.param_shapes(model))
+    chex.assert_trees_all_equal_shapes(params, vit.param_shapes(model))
     logits = model.apply({"params": params}, np.load(folder / "images.npy"))
     np.testing.assert_allclose(logits, np.load(folder / "logits.npy"), atol=1e-4, rtol=0)
 
@@ -389,16 +389,16 @@ def test_bad_config_raises_a_value_error_naming_it(kwargs, message):
 def test_a_size_is_an_int_a_pair_or_a_one_element_sequence():
     # (8,) is what ml_collections makes of `--config.model.patch_size=8` for a tuple field.
     for given in (8, (8, 8), [8], (8,)):
-        assert models.get_config(None, **{**TINY, "patch_size": given}).patch_size == (8, 8)
-    assert models.get_config(None, **{**TINY, "image_size": (16, 32)}).image_size == (16, 32)
+        assert get_config(None, **{**TINY, "patch_size": given}).patch_size == (8, 8)
+    assert get_config(None, **{**TINY, "image_size": (16, 32)}).image_size == (16, 32)
     for bad in ((8, 8, 8), (), (0, 8), (8.0, 8)):
         with pytest.raises(ValueError, match=r"patch_size=.*expected a positive int or a"):
-            models.get_config(None, **{**TINY, "patch_size": bad})
+            get_config(None, **{**TINY, "patch_size": bad})
 
 
 def test_wrong_image_shape_at_apply_time_is_named():
     model = tiny()
-    params = models.init_params(model, jax.random.key(0))
+    params = vit.init_params(model, jax.random.key(0))
     with pytest.raises(ValueError, match=r"\(18, 18\).*patch_size"):
         model.apply({"params": params}, jnp.zeros((1, 18, 18, 3)))
     with pytest.raises(ValueError, match="expected"):

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import vit_jax
-from vit_jax import models, optim
+from vit_jax.model import vit
+from vit_jax.train import optim
 
 OPTIM = dict(
     name="adamw",
@@ -29,7 +30,7 @@ def vit_params():
     model = vit_jax.create_model(
         None, hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1, patch_size=4, image_size=8
     )
-    return models.param_shapes(model)
+    return vit.param_shapes(model)
 
 
 def schedule_values(steps, total=100, **schedule):

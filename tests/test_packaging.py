@@ -5,13 +5,12 @@ into a temporary target that is the only place `vit_jax` and `configs` can be im
 """
 
 import json
-import os
 import subprocess
 import sys
 import zipfile
 
 import pytest
-from helpers import REPO
+from helpers import REPO, subprocess_env
 
 
 def _pip(*args, cwd):
@@ -37,7 +36,7 @@ def installed(tmp_path_factory):
 
 def _run_script(installed, name, *args, cwd):
     _, site, bin_dir = installed
-    env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env(PYTHONPATH=str(site))  # the install alone, not this checkout
     return subprocess.run(
         [str(bin_dir / name), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -47,7 +46,7 @@ def _run_script(installed, name, *args, cwd):
 def test_wheel_holds_the_library_and_the_recipes_not_the_tests(installed):
     wheel, _, _ = installed
     names = zipfile.ZipFile(wheel).namelist()
-    assert "vit_jax/models.py" in names and "vit_jax/formats/timm.py" in names
+    assert "vit_jax/model/vit.py" in names and "vit_jax/interop/formats/timm.py" in names
     assert "configs/digits.py" in names and "configs/common.py" in names
     assert not any(n.startswith(("tests/", "notebooks/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -13,7 +13,7 @@ from helpers import FIXTURES, assert_params_identical, logits_of
 from safetensors.numpy import load_file
 
 import vit_jax
-from vit_jax import convert
+from vit_jax.interop import formats, save
 
 # fixture → (weights inside its folder, load_pretrained kwargs the format cannot provide itself).
 SOURCES = {
@@ -114,7 +114,7 @@ def test_inferred_configs_match_the_fixture_descriptions():
 
 def _round_trip_cases():
     for name in SOURCES:
-        for fmt in convert.FORMATS:
+        for fmt in formats.REGISTRY:
             yield pytest.param(name, fmt, id=f"{name}-{fmt}")
 
 
@@ -130,7 +130,7 @@ def test_save_and_load_back(name, fmt, tmp_path):
         assert not path.exists()  # nothing half-written
         return
     vit_jax.save_pretrained(params, str(path), format=fmt, model=config)
-    overrides = convert.reload_overrides(params, config, fmt)
+    overrides = save.reload_overrides(params, config, fmt)
     assert overrides == RELOAD_OVERRIDES[name, fmt]
     model, reloaded = vit_jax.load_pretrained(str(path), **overrides)
     assert model.config == config

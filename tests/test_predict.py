@@ -1,4 +1,4 @@
-"""`python -m vit_jax.predict`: images in, top-k classes out, for every checkpoint format."""
+"""`python -m vit_jax.tools.predict`: images in, top-k classes out, for every checkpoint format."""
 
 import json
 import subprocess
@@ -11,7 +11,9 @@ from helpers import FIXTURES, REPO, TINY, random_params
 from PIL import Image
 
 import vit_jax
-from vit_jax import checkpoints, predict
+from vit_jax import checkpoints
+from vit_jax.interop import input_convention
+from vit_jax.tools import predict
 
 TINY = {**TINY, "num_layers": 1}
 
@@ -111,7 +113,7 @@ def test_images_are_resized_and_converted_to_the_checkpoint_channels(tmp_path):
     np.testing.assert_allclose(as_gray, -1.0, atol=1e-5)
     assert as_gray.shape == (1, 32, 32, 1)
     np.testing.assert_array_equal(
-        predict.match_channels(np.array([[[255, 0, 0]]], np.uint8), 1), [[[76]]]
+        input_convention.match_channels(np.array([[[255, 0, 0]]], np.uint8), 1), [[[76]]]
     )
 
 
@@ -180,7 +182,7 @@ def test_cli_as_a_module_with_overrides(tmp_path):
     image = write_png(tmp_path / "x.png", to_uint8(np.load(fixture / "images.npy")[0]))
     argv = ["--checkpoint", fixture / "model.safetensors", "--set", "num_heads=4", "--top_k", 10]
     result = subprocess.run(
-        [sys.executable, "-m", "vit_jax.predict", *map(str, argv), image],
+        [sys.executable, "-m", "vit_jax.tools.predict", *map(str, argv), image],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -7,6 +7,7 @@ serves a small fixture under the same bucket path as a table entry, with the bas
 import functools
 import hashlib
 import http.server
+import os
 import pathlib
 import shutil
 import threading
@@ -16,7 +17,8 @@ import tqdm
 from helpers import FIXTURES, assert_finished, assert_params_identical, fake_terminal, final_lines
 
 import vit_jax
-from vit_jax import pretrained
+from vit_jax.interop import pretrained
+from vit_jax.tools import pretrained as pretrained_cli
 
 FIXTURE = FIXTURES / "vit_jax_gap" / "params.npz"
 
@@ -56,7 +58,7 @@ def test_named_checkpoint_is_downloaded_once_verified_and_cached(served, monkeyp
     assert_params_identical(params, expected)
     cached = pretrained.cache_path(entry)
     assert pathlib.Path(cached).read_bytes() == FIXTURE.read_bytes()
-    assert not list(pretrained.os.scandir(pretrained.os.path.dirname(cached)))[1:]  # no .partial
+    assert not list(os.scandir(os.path.dirname(cached)))[1:]  # no .partial
     server.shutdown()  # offline from here on: the cache answers
     monkeypatch.setenv("VIT_JAX_PRETRAINED_URL", "http://127.0.0.1:9")
     _, again = vit_jax.load_pretrained("Test/4", pretrained="gap-fixture")
@@ -69,14 +71,14 @@ def test_a_download_that_fails_verification_is_not_kept(served, monkeypatch):
     monkeypatch.setattr(pretrained, "TABLE", [*pretrained.TABLE, bad])
     with pytest.raises(ValueError, match="sha256 differs"):
         vit_jax.load_pretrained("ViT-Test/4", pretrained="bad-sum")
-    assert not pretrained.os.path.exists(pretrained.cache_path(bad))
-    assert not pretrained.os.path.exists(pretrained.cache_path(bad) + ".partial")
+    assert not os.path.exists(pretrained.cache_path(bad))
+    assert not os.path.exists(pretrained.cache_path(bad) + ".partial")
 
 
 def test_a_corrupt_cached_copy_is_fetched_again(served):
     entry, _ = served
     cached = pretrained.cache_path(entry)
-    pretrained.os.makedirs(pretrained.os.path.dirname(cached))
+    os.makedirs(os.path.dirname(cached))
     pathlib.Path(cached).write_bytes(FIXTURE.read_bytes()[:-500])  # truncated
     assert pretrained.fetch(entry) == cached
     assert pathlib.Path(cached).read_bytes() == FIXTURE.read_bytes()
@@ -154,7 +156,7 @@ def test_list_pretrained_carries_top1_only_where_a_source_states_it():
 
 
 def test_command_line_prints_the_table_with_top1(capsys):
-    assert pretrained.main(["B/16"]) == 0
+    assert pretrained_cli.main(["B/16"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["model", "pretrained", "image_size", "num_classes", "top1", "data"]
     rows = {
@@ -164,7 +166,7 @@ def test_command_line_prints_the_table_with_top1(capsys):
     assert rows[("ViT-B/16", "augreg-i21k-ft-i1k")] == "84.532"
     assert rows[("ViT-B/16", "i21k")] == "-"
     assert len(rows) == len(vit_jax.list_pretrained("B/16"))
-    assert pretrained.main(["Z/16"]) == 1
+    assert pretrained_cli.main(["Z/16"]) == 1
     assert capsys.readouterr().err.startswith("FATAL ValueError: no public checkpoints of 'Z/16'")
 
 

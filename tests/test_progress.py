@@ -17,8 +17,9 @@ from helpers import FIXTURES, FakeTerminal, assert_finished, fake_terminal, fina
 from PIL import Image
 from tensorflow_datasets.core.utils import tqdm_utils
 
-from vit_jax import convert, progress
-from vit_jax.tfds_builders import image_folder
+from vit_jax import progress
+from vit_jax.data.builders import image_folder
+from vit_jax.tools import convert as convert_cli
 
 
 @pytest.fixture
@@ -70,8 +71,7 @@ def test_image_folder_preparation_bars_count_checked_and_copied_images(tfds_bars
 
 
 def test_other_tfds_datasets_show_tfds_bars_only_on_a_terminal(tmp_path, monkeypatch):
-    from vit_jax import input_pipeline
-    from vit_jax.data import sources
+    from vit_jax.data import pipeline, sources
 
     seen = []
 
@@ -80,7 +80,7 @@ def test_other_tfds_datasets_show_tfds_bars_only_on_a_terminal(tmp_path, monkeyp
         raise ConnectionError("offline")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
-    config = input_pipeline.default_data_config()
+    config = pipeline.default_data_config()
     config.dataset, config.data_dir = "cifar10", str(tmp_path)
     with progress.tfds_bars(False):  # as the CLIs leave it
         for stderr in (io.StringIO(), FakeTerminal()):
@@ -100,13 +100,13 @@ def test_preparation_off_a_terminal_writes_no_bar(capsys, tfds_bars_on, tmp_path
 def test_conversion_bar_reaches_its_stages(tmp_path):
     source = str(FIXTURES / "vit_jax_gap" / "params.npz")
     with fake_terminal() as terminal:
-        assert convert.main([source, str(tmp_path / "out.npz"), "--to", "npz"]) == 0
+        assert convert_cli.main([source, str(tmp_path / "out.npz"), "--to", "npz"]) == 0
     assert_finished(final_lines(terminal.getvalue()), "convert to npz", 3)
 
 
 def test_conversion_off_a_terminal_prints_only_its_report(capsys, tmp_path):
     source = str(FIXTURES / "vit_jax_gap" / "params.npz")
-    assert convert.main([source, str(tmp_path / "out.npz"), "--to", "npz"]) == 0
+    assert convert_cli.main([source, str(tmp_path / "out.npz"), "--to", "npz"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("wrote ") and "\r" not in out + err and "%|" not in out + err
 

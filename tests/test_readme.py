@@ -10,7 +10,7 @@ Which commands:
               command's own `--config` and `--config.<key>=` arguments, so a typo still fails.
 
 How long commands stay short: SHORTER maps a command's start (a pattern) to arguments appended.
-A length given on the command line wins over a recipe's (see `vit_jax/main.py`), so appending
+A length given on the command line wins over a recipe's (see `vit_jax/tools/train.py`), so appending
 `--config.total_steps=2` turns a 3-minute recipe into one compile and two steps, whatever the recipe
 says. A new README command that is slow gets a SHORTER entry; one that is fast needs nothing.
 `make <target>` runs what `make -n <target>` prints, shortened the same way; `make test`'s pytest
@@ -42,11 +42,11 @@ from helpers import REPO, subprocess_env
 
 # A pattern at the start of a command (after `make -n` expansion) -> arguments appended to keep it
 # short. Any training command: two steps, one evaluation at the end.
-TRAIN = r"(python (train\.py|-m vit_jax\.main)|vit-train)\b"
+TRAIN = r"(python (train\.py|-m vit_jax\.tools\.train)|vit-train)\b"
 SHORTER = {
     TRAIN: "--config.total_steps=2 --config.eval_every_steps=0",
-    r"python -m vit_jax\.data\.input_benchmark\b": "--num_batches 2 --warmup 1 --num_images 64",
-    r"(python -m vit_jax\.benchmark|vit-benchmark)\b": "--steps 1 --repeats 1",
+    r"python -m vit_jax\.tools\.input_benchmark\b": "--num_batches 2 --warmup 1 --num_images 64",
+    r"(python -m vit_jax\.tools\.benchmark|vit-benchmark)\b": "--steps 1 --repeats 1",
 }
 
 # Commands (by their start) that cannot run offline on a CPU, and why.
@@ -240,7 +240,7 @@ def _check_config_builds(command: str) -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from vit_jax import train_state
+    from vit_jax.train import plan
 
     args = shlex.split(command)
     config_arg = next(a for a in args if a.startswith("--config=") or a == "--config")
@@ -252,5 +252,5 @@ def _check_config_builds(command: str) -> None:
     config = config_flags.DEFINE_config_file("config", flag_values=holder, sys_argv=argv)
     sys.path.insert(0, str(REPO))  # the recipes import `configs.common`
     holder(argv)
-    model = train_state.model_config_for(config.value, num_classes=10, num_channels=3)
+    model = plan.vit_config_for(config.value, num_classes=10, num_channels=3)
     assert model.image_size == (config.value.image_size,) * 2

@@ -20,7 +20,12 @@ import pytest
 from helpers import TINY, random_params
 
 import vit_jax
-from vit_jax import convert, evaluation, model_config, optim, sharding, train_state, train_step
+from vit_jax import sharding
+from vit_jax.interop import formats, save
+from vit_jax.model import config as model_config
+from vit_jax.train import evaluation, optim, plan
+from vit_jax.train import state as train_state
+from vit_jax.train import step as train_step
 
 IMAGES = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3), minval=-1.0, maxval=1.0)
 TARGETS = jax.nn.one_hot(jnp.arange(4) % 10, 10)
@@ -39,14 +44,14 @@ def _one_sgd_step_lowers_the_loss(model):
 def _exports_or_says_why_not(model, params, tmp_path, name):
     """Each format round-trips the logits, or refuses naming the option."""
     logits = jax.jit(model.apply)({"params": params}, IMAGES)
-    for fmt in sorted(convert.FORMATS):
+    for fmt in sorted(formats.REGISTRY):
         path = os.path.join(tmp_path, {"npz": "m.npz", "timm": "m.safetensors"}.get(fmt, fmt))
         try:
             vit_jax.save_pretrained(params, path, format=fmt, model=model)
         except ValueError as e:  # a refusal names what the format cannot hold (not always `name`)
             assert f"format {fmt!r} cannot represent" in str(e), e
             continue
-        needed = convert.reload_overrides(params, model.config, fmt)
+        needed = save.reload_overrides(params, model.config, fmt)
         reloaded, reloaded_params = vit_jax.load_pretrained(path, **needed)
         np.testing.assert_allclose(
             jax.jit(reloaded.apply)({"params": reloaded_params}, IMAGES), logits, atol=1e-5
@@ -60,9 +65,9 @@ def test_every_pooling_builds_trains_and_exports(pool, tmp_path):
         from configs import common
 
         config = common.get_config()
-        config.model = common.model_config(None, pool=pool)
+        config.model = common.model_fields(None, pool=pool)
         with pytest.raises(ValueError, match="pool='none'"):
-            train_state.model_config_for(config, num_classes=10, num_channels=3)
+            plan.vit_config_for(config, num_classes=10, num_channels=3)
         params = random_params(model)
     else:
         params = _one_sgd_step_lowers_the_loss(model)
@@ -198,7 +203,7 @@ def test_every_loss_matches_its_definition_and_trains(name):
     model = vit_jax.create_model(None, **TINY, num_classes=10)
     tx = optax.sgd(0.1)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-    shardings = train_state.state_shardings(train_state.state_shapes(model, tx), mesh, 2**30)
+    shardings = sharding.tree_shardings(train_state.state_shapes(model, tx), mesh, 2**30)
     state = train_state.init_state(model, tx, shardings, jax.random.key(0))
     step = train_step.make_train_step(model, tx, mesh, shardings, loss=name)
     batch = {"image": np.asarray(IMAGES), "label": np.asarray(TARGETS)}

@@ -77,20 +77,21 @@ def test_eight_devices_fsdp_placement_and_global_batch():
         """
         import jax, jax.numpy as jnp, numpy as np
         import vit_jax
-        from vit_jax import models, sharding
+        from vit_jax.model import vit
+        from vit_jax import sharding
         assert jax.device_count() == 8
         mesh = sharding.make_mesh({"data": 2, "fsdp": -1})
         assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
         model = vit_jax.create_model(None, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1,
                                      patch_size=4, image_size=16, num_classes=10)
-        shapes = models.param_shapes(model)
+        shapes = vit.param_shapes(model)
         shards = sharding.tree_shardings(shapes, mesh, fsdp_min_size=512)
         mlp = shards["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]
         assert mlp["kernel"].spec == jax.sharding.PartitionSpec(None, "fsdp"), mlp["kernel"].spec
         assert mlp["bias"].spec == jax.sharding.PartitionSpec(), mlp["bias"].spec  # 64 < 512
 
         # Params created sharded compute what replicated params compute.
-        params = models.init_params(model, jax.random.key(0))
+        params = vit.init_params(model, jax.random.key(0))
         params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), params)
         fsdp_params = jax.device_put(params, shards)
         kernel = fsdp_params["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
@@ -106,7 +107,7 @@ def test_eight_devices_fsdp_placement_and_global_batch():
                                    model.apply({"params": params}, local["image"]), rtol=1e-4, atol=1e-5)
 
         # Gradient accumulation: every micro-batch is spread over all 8 devices (strided rows).
-        from vit_jax.train_step import split_micro_batches
+        from vit_jax.train.step import split_micro_batches
         rows = sharding.make_global_batch({"x": np.arange(32.0)}, mesh)["x"]
         micro = jax.jit(lambda x: split_micro_batches(x, 4, mesh))(rows)
         assert micro.shape == (4, 8)

@@ -1,4 +1,4 @@
-"""vit_jax.sharding_rules: config rules → PartitionSpecs for params and optimizer state, and the report.
+"""vit_jax.sharding: config rules → PartitionSpecs for params and optimizer state, and the report.
 
 Specs are computed from shapes and the mesh's axis sizes alone, so no devices are needed here.
 """
@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO, run_with_devices
 from jax.sharding import PartitionSpec as P
 
-from vit_jax import sharding_rules
+from vit_jax import sharding
 
 MESH = {"data": 2, "fsdp": 4}
 KERNEL = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
@@ -40,7 +40,7 @@ def mlp(tree):
 
 
 def test_default_fsdp_rule_cuts_the_largest_divisible_dim_above_the_threshold():
-    specs = sharding_rules.tree_specs(state_shapes(), MESH, min_size=4096)
+    specs = sharding.tree_specs(state_shapes(), MESH, min_size=4096)
     assert mlp(specs["params"])["kernel"] == P(None, "fsdp")
     assert mlp(specs["params"])["bias"] == P()  # 256 < 4096
     assert specs["params"]["pos_embedding"] == P(None, "fsdp", None)  # first of the largest
@@ -56,7 +56,7 @@ def test_rules_first_match_wins_and_optimizer_state_follows():
         ("Dense_0/kernel$", ("fsdp", None)),
         ("kernel$", "replicate"),  # never reached for the MLP kernel: the rule above wins
     )
-    specs = sharding_rules.tree_specs(state_shapes(), MESH, min_size=0, rules=rules)
+    specs = sharding.tree_specs(state_shapes(), MESH, min_size=0, rules=rules)
     assert mlp(specs["params"])["kernel"] == P("fsdp", None)
     assert specs["params"]["pos_embedding"] == P()
     assert specs["params"]["head"]["kernel"] == P()
@@ -67,16 +67,16 @@ def test_rules_first_match_wins_and_optimizer_state_follows():
 
 def test_describe_counts_what_is_sharded():
     shapes = state_shapes()
-    specs = sharding_rules.tree_specs(shapes, MESH, min_size=4096)
-    line, any_sharded = sharding_rules.describe(shapes, specs, MESH)
+    specs = sharding.tree_specs(shapes, MESH, min_size=4096)
+    line, any_sharded = sharding.describe(shapes, specs, MESH)
     # kernel 16,384 + pos_embedding 4,096 are cut 4 ways; bias 256 and head 640 are not.
     assert any_sharded
     assert "2 of 4 parameter arrays" in line and "20,480 of 21,376 parameters" in line
     # Per device: params + mu + nu, sharded ones / 4 (float32), + the Adam count (int32).
     per_device = 3 * 4 * (20_480 / 4 + 896) + 4
     assert f"per device {per_device / 1024:.1f} KiB" in line
-    nothing = sharding_rules.tree_specs(shapes, MESH, min_size=10**9)
-    assert sharding_rules.describe(shapes, nothing, MESH)[1] is False
+    nothing = sharding.tree_specs(shapes, MESH, min_size=10**9)
+    assert sharding.describe(shapes, nothing, MESH)[1] is False
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,7 @@ def test_describe_counts_what_is_sharded():
 )
 def test_bad_rules_are_clear_errors(rules, message):
     with pytest.raises(ValueError, match=message):
-        sharding_rules.tree_specs(state_shapes(), MESH, min_size=0, rules=rules)
+        sharding.tree_specs(state_shapes(), MESH, min_size=0, rules=rules)
 
 
 class _Placed:
@@ -107,11 +107,11 @@ class _Mesh:
 
 
 def test_trainer_logs_what_was_sharded_and_warns_when_fsdp_shards_nothing(capsys):
-    from vit_jax import train_state
+    from vit_jax.train import state as train_state
 
     shapes = state_shapes()
     for min_size, expected in ((4096, "2 of 4 parameter arrays"), (10**9, "0 of 4 parameter")):
-        specs = sharding_rules.tree_specs(shapes, MESH, min_size=min_size)
+        specs = sharding.tree_specs(shapes, MESH, min_size=min_size)
         placed = jax.tree.map(_Placed, specs, is_leaf=lambda x: isinstance(x, P))
         train_state.log_sharding(shapes, placed, _Mesh())
         out = capsys.readouterr().out
@@ -122,11 +122,10 @@ def test_trainer_logs_what_was_sharded_and_warns_when_fsdp_shards_nothing(capsys
 MEMORY_TABLE_CHECK = """
 import sys
 sys.path.insert(0, {root!r})
-from vit_jax import models, sharding_rules
-from vit_jax.model_config import get_config
-count = models.count_params(models.param_shapes(models.VisionTransformer(
-    get_config("Ti/16", image_size=224, num_classes=1000))))
-one, four = (sharding_rules.compiled_state_bytes("Ti/16", f, f) for f in (1, 4))
+from vit_jax.model import vit
+from vit_jax.tools import memory_table
+count = vit.count_params(vit.param_shapes(vit.create_model("Ti/16", image_size=224, num_classes=1000)))
+one, four = (memory_table.compiled_state_bytes("Ti/16", f, f) for f in (1, 4))
 print(count, one, four)
 """
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from helpers import TINY, assert_params_identical, random_params
 
-from vit_jax import get_config, models, transfer
+from vit_jax import get_config
+from vit_jax.model import transfer, vit
 
 TINY = {**TINY, "num_classes": 10, "num_registers": 2}
 POSEMB = transfer.POSEMB_KEY
@@ -18,7 +19,7 @@ def src():
 
 @pytest.fixture(scope="module")
 def params(src):
-    return random_params(models.VisionTransformer(src))
+    return random_params(vit.VisionTransformer(src))
 
 
 def flat(tree):
@@ -36,10 +37,10 @@ def test_posemb_resized_to_non_square_grid_keeping_prefix_rows(src, params):
     prefix = 1 + src.num_registers
     assert new.shape == (1, prefix + 3 * 6, 32)
     np.testing.assert_array_equal(new[:, :prefix], old[:, :prefix])  # class/register rows kept
-    expected = models.resize_posemb_grid(old[:, prefix:], (4, 4), (3, 6))
+    expected = vit.resize_posemb_grid(old[:, prefix:], (4, 4), (3, 6))
     np.testing.assert_allclose(new[:, prefix:], expected, atol=1e-6)
     assert_params_identical(adapted, params, skip=(POSEMB,))
-    logits = models.VisionTransformer(dst).apply({"params": adapted}, np.zeros((1, 12, 24, 3)))
+    logits = vit.VisionTransformer(dst).apply({"params": adapted}, np.zeros((1, 12, 24, 3)))
     assert logits.shape == (1, 10)
 
 
@@ -71,7 +72,7 @@ def test_loop_scan_loop_round_trip(src, params):
 
 def test_pre_logits_dropped_when_target_has_none():
     src = get_config(**{**TINY, "representation_size": 16})
-    params = random_params(models.VisionTransformer(src))
+    params = random_params(vit.VisionTransformer(src))
     dst = src.replace(representation_size=None)
     adapted = flat(transfer.adapt_params(params, src, dst))
     assert not any(key.startswith("pre_logits/") for key in adapted)

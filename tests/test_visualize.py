@@ -1,4 +1,4 @@
-"""Attention weights, rollout and the plots over the image (vit_jax/visualize.py)."""
+"""Attention weights, rollout and the plots over the image (vit_jax/model/visualize.py)."""
 
 import matplotlib
 
@@ -10,7 +10,7 @@ import pytest
 from helpers import TINY, random_params
 
 import vit_jax
-from vit_jax import visualize
+from vit_jax.model import visualize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

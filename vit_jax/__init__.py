@@ -9,8 +9,8 @@ Public API:
   save_pretrained(params, path, format=..., model=..., preprocessing=...)
 """
 
-from vit_jax.model_config import ViTConfig, get_config
-from vit_jax.models import VisionTransformer, count_params, create_model, init_params, patchify
+from vit_jax.model.config import ViTConfig, get_config
+from vit_jax.model.vit import VisionTransformer, count_params, create_model, init_params, patchify
 
 __all__ = [
     "ViTConfig",
@@ -28,12 +28,16 @@ __all__ = [
 
 def __getattr__(name):
     # Interop pulls in safetensors and friends; import it only when asked for.
-    if name in ("load_pretrained", "save_pretrained"):
-        from vit_jax import convert
+    if name == "load_pretrained":
+        from vit_jax.interop import load
 
-        return getattr(convert, name)
+        return load.load_pretrained
+    if name == "save_pretrained":
+        from vit_jax.interop import save
+
+        return save.save_pretrained
     if name == "list_pretrained":
-        from vit_jax import pretrained
+        from vit_jax.interop import pretrained
 
         return pretrained.list_pretrained
     raise AttributeError(f"module 'vit_jax' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 Layout: `<workdir>/checkpoints/<step>/` holds these items:
   state         {'params', 'opt_state', 'step'}: the arrays, sharded as they were (OCDBT/Zarr);
   model_config  JSON of `ViTConfig.to_dict()`, so a checkpoint says what model it belongs to;
-  preprocessing JSON of `vit_jax.preprocessing.Preprocessing.to_dict()`: the input convention;
+  preprocessing JSON of `vit_jax.interop.input_convention.Preprocessing.to_dict()`: the input convention;
   data_state    JSON, e.g. {"step": 1200, "order": "global", "process_count": 2, ...}: where the
                 input pipeline resumes, and the topology that wrote it;
   integrity     JSON: a fingerprint of every array of `state` and a copy of `data_state`
@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from vit_jax import distributed, integrity
-from vit_jax.model_config import ViTConfig
+from vit_jax.model.config import ViTConfig
 
 ITEMS = ("state", "model_config", "preprocessing", "data_state", "integrity")
 DAMAGED_DIR = "checkpoints-damaged"  # sibling of checkpoints/: out of Orbax's step listing

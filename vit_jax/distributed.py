@@ -20,7 +20,6 @@ aside) with the other processes waiting for it, and `processes_where` lets them 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import socket
 import time
@@ -72,74 +71,6 @@ def _cluster_detected() -> str | None:
         except Exception:  # a detector probing a metadata server offline: not this cluster
             continue
     return None
-
-
-def cpu_device_count(requested: int, batch_sizes: list[int], cores: int) -> int:
-    """How many devices XLA's CPU platform should expose: `requested` if positive; for 0 (auto)
-    one per core, lowered to the largest count that divides every batch in `batch_sizes`.
-
-    With one device XLA's intra-op threads leave cores idle in a step of many small ops; a device
-    per core runs the data-parallel halves side by side (README Performance: digits through the
-    trainer 478 → 646 img/s, ViT-Ti/16 inference 41 → 56 img/s, on 2 cores).
-    """
-    if not isinstance(requested, int) or requested < 0:
-        raise ValueError(f"cpu_devices={requested!r}: 0 (one per core) or a device count")
-    if requested:
-        return requested
-    return max(d for d in range(1, max(cores, 1) + 1) if all(b % d == 0 for b in batch_sizes))
-
-
-def config_cpu_devices(config, cores: int) -> int:
-    """`cpu_device_count` for a training config: its micro-batch and eval batch over the mesh.
-
-    Auto (0) on a mesh with a -1 axis: one device per core, a multiple of the other axes' sizes
-    (`mesh.fsdp=2` on 2 cores: 2 devices); a mesh of fixed sizes names its own count."""
-    requested = config.get("cpu_devices", 0)
-    sizes = [int(v) for v in dict(config.mesh).values()]
-    fixed = math.prod(v for v in sizes if v > 0)
-    micro_batch = config.batch_size // max(config.accum_steps, 1)
-    batches = [micro_batch] + ([config.eval_batch_size] if config.get("eval_batch_size") else [])
-    if requested:
-        try:
-            return cpu_device_count(requested, batches, cores)
-        except ValueError as e:
-            raise ValueError(f"config.{e}") from None
-    if -1 not in sizes or any(b % fixed for b in batches):
-        return fixed  # (a batch the fixed axes do not divide is named by the batch check)
-    # One per core, in whole multiples of the fixed axes: the auto rule on the batches per group.
-    return fixed * cpu_device_count(0, [b // fixed for b in batches], max(cores // fixed, 1))
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1  # pragma: no cover - macOS / Windows
-
-
-def use_cpu_devices(count: int, *, auto: bool = True, multi_process: bool = False) -> int | None:
-    """Sets JAX's CPU device count to `count` before JAX starts; None where it is left alone: the
-    environment already sets one (XLA_FLAGS, JAX_NUM_CPU_DEVICES), `auto` in a multi-process run
-    (one device per process, as JAX starts it), or JAX has started already (a caller in a process
-    that used JAX before keeps its devices)."""
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return None
-    if os.environ.get("JAX_NUM_CPU_DEVICES") or (multi_process and auto):
-        return None
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # "should be updated before backends are initialized"
-        return None
-    return count
-
-
-def use_config_cpu_devices(config, *, multi_process: bool = False) -> int | None:
-    """`use_cpu_devices` with the count `config.cpu_devices` asks for on this machine's cores."""
-    return use_cpu_devices(
-        config_cpu_devices(config, cores()),
-        auto=not config.get("cpu_devices", 0),
-        multi_process=multi_process,
-    )
 
 
 def _multi_process_cluster() -> str | None:

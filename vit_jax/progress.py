@@ -1,13 +1,15 @@
-"""Progress bars (tqdm) for long work: training, evaluation, dataset preparation, conversion.
+"""What a person sees while work runs: `log` lines and progress bars (tqdm) for long work.
+
+`log(message)` is the project's one way to print a line of a run (process 0 only, above any bar).
 
 Bars go to stderr and only when it is a terminal (tqdm's `disable=None`), so logs and pipes keep
-the plain progress lines of `vit_jax.metrics`; only process 0 draws one. A bar never leaves a
+the plain progress lines of `vit_jax.train.report`; only process 0 draws one. A bar never leaves a
 stale line behind: one that finished stays on screen (with `leave=True`) showing its count, the
 elapsed time and `00:00` remaining, never "?"; one that stopped early is cleared.
 
 TFDS draws bars of its own while it prepares a dataset (with unknown totals, so "?", and also
 off-terminal); `tfds_bars` switches them on only where ours would show, and our own builders
-(`vit_jax.tfds_builders`) replace them with one bar per split.
+(`vit_jax.data.builders`) replace them with one bar per split.
 """
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ import sys
 import tqdm
 
 
-def _first_process() -> bool:
+def is_main_process() -> bool:
+    """Process 0 of the run: the one that prints and writes logs (on a pod every host runs)."""
     # Without jax imported nothing can have started more processes (and a builder run from
     # plain TFDS should not pay for importing it).
     jax = sys.modules.get("jax")
     return jax is None or jax.process_index() == 0
+
+
+def log(message: str) -> None:
+    """A line on stdout from process 0, above any bar on screen (flushed: runs are watched live)."""
+    if is_main_process():
+        write(message)
 
 
 class _Bar(tqdm.tqdm):
@@ -56,7 +65,7 @@ def bar(
         file=sys.stderr,
         dynamic_ncols=True,
         leave=leave,
-        disable=None if _first_process() else True,
+        disable=None if is_main_process() else True,
         **kwargs,
     )
 
@@ -64,7 +73,7 @@ def bar(
 def shows() -> bool:
     """Whether `bar` would draw here (stderr is a terminal, process 0)."""
     isatty = getattr(sys.stderr, "isatty", None)
-    return bool(isatty and isatty()) and _first_process()
+    return bool(isatty and isatty()) and is_main_process()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,10 @@ DATA_DEFAULTS = dict(
     batch_size=512,  # global training batch (all processes and devices together).
     eval_batch_size=512,  # global eval batch; the last partial batch is padded and masked.
     seed=0,  # seeds data order, augmentation and the model's init/dropout: same seed, same run.
-    shuffle_buffer_size=50_000,  # tf.data shuffle buffer per process; streamed splits only (> 256 MiB).
+    shuffle_buffer_size=50_000,  # tf.data shuffle buffer per process; streamed splits only.
+    # Train splits of up to this many (stored) bytes are read into memory once: random access, one
+    # global order. Larger ones are read by index (ArrayRecord) or streamed per process (TFRecord).
+    in_memory_max_bytes=256 * 2**20,
     skip_corrupt_images=False,  # image folders: skip (and count) files that do not decode.
 )
 

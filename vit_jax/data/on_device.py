@@ -29,7 +29,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vit_jax import sharding as sharding_lib
-from vit_jax import train_step as train_step_lib
 
 MAX_BYTES = 512 * 2**20  # the decoded split, float32, on every device
 _ORDER, _AUGMENT, _MIXUP = 0, 1, 2  # streams folded from the seed
@@ -142,7 +141,7 @@ class DeviceTrainData:
         self._key = jax.random.key(config.seed)
         self._aug, self._num_classes = _Augment.of(config.pp), num_classes
         self._single = sharding_lib.batch_sharding(mesh)
-        self._stacked = train_step_lib.stacked_batch_sharding(mesh)
+        self._stacked = sharding_lib.stacked_batch_sharding(mesh)
 
     def batch(self, first_step: int, size: int = 1) -> dict[str, jax.Array]:
         """The global batches of steps first_step .. first_step + size - 1 (stacked when size > 1)."""

@@ -3,7 +3,7 @@
 `open_builder` resolves the name with `dataset_kind` (a registered TFDS name wins over a same-named
 folder; an image folder is turned into a builder) and prepares it on first use; `shards` gives each
 process its `tfds.even_splits` share of a split; `decoders` reads only image and label, images still encoded.
-`vit_jax.input_pipeline` builds the train and eval pipelines on top.
+`vit_jax.data.pipeline` builds the train and eval pipelines on top.
 """
 
 import dataclasses
@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax import progress
-from vit_jax.tfds_builders import image_folder_builder  # Also registers the `digits` builder.
+from vit_jax.data.builders import image_folder_builder  # Also registers the `digits` builder.
 
 
 def open_builder(config, prepare: bool = True) -> tfds.core.DatasetBuilder:

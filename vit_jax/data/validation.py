@@ -73,6 +73,12 @@ def validate_config(config, process_index: int, process_count: int) -> None:
         config.shuffle_buffer_size,
         "must be a positive int",
     )
+    _require(
+        _is_int(config.in_memory_max_bytes) and config.in_memory_max_bytes >= 0,
+        "in_memory_max_bytes",
+        config.in_memory_max_bytes,
+        "must be an int >= 0 (bytes; 0 = never hold the train split in memory)",
+    )
     pp = config.pp
     _require(pp.num_channels in (1, 3), "pp.num_channels", pp.num_channels, "must be 1 or 3")
     _check_pair(pp, "crop_area_range", 1.0)

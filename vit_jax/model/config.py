@@ -1,0 +1,212 @@
+"""Every hyperparameter of a Vision Transformer, in one frozen dataclass, plus the named variants.
+
+A `ViTConfig` is validated when it is built (bad values raise `ValueError` naming the value and what is
+allowed, before any compute), is hashable (so it can be a linen attribute), and round-trips through JSON
+(`to_json` / `from_json`), which is how checkpoints remember the model they belong to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+# Pooling of the encoded tokens before the head ('none': every token, for features). A new one is
+# handled in step 4 of `models.VisionTransformer` (which raises for a name it does not handle), then,
+# where it applies: its module in layers.py; configs/common.NO_DECAY (its parameters without weight decay);
+# transfer._TOP_ORDER (its top-level key); formats/layout.py (inferring it from a checkpoint) and
+# each formats/<format>.py (writing it, or naming it as not representable); visualize.py
+# (`from_class_token`: which token the head reads). tests/test_registries.py builds, trains one
+# step and exports every entry.
+POOLINGS = ("token", "gap", "map", "none")
+POSEMBS = ("learn", "sincos2d", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+# Rematerialization (`nn.remat`) policy name → the `jax.checkpoint_policies` function it uses ('none':
+# no remat; 'full': save nothing, recompute everything).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": "checkpoint_dots",
+    "dots_with_no_batch_dims": "dots_with_no_batch_dims_saveable",
+}
+
+# Width, MLP width, heads, depth: the paper's Table 1 (Ti/S from DeiT) and big_vision's larger widths.
+WIDTHS: dict[str, dict[str, int]] = {
+    "Ti": dict(hidden_size=192, mlp_dim=768, num_heads=3, num_layers=12),
+    "S": dict(hidden_size=384, mlp_dim=1536, num_heads=6, num_layers=12),
+    "M": dict(hidden_size=512, mlp_dim=2048, num_heads=8, num_layers=12),
+    "B": dict(hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12),
+    "L": dict(hidden_size=1024, mlp_dim=4096, num_heads=16, num_layers=24),
+    "So400m": dict(hidden_size=1152, mlp_dim=4304, num_heads=16, num_layers=27),
+    "H": dict(hidden_size=1280, mlp_dim=5120, num_heads=16, num_layers=32),
+    "g": dict(hidden_size=1408, mlp_dim=6144, num_heads=16, num_layers=40),
+    "G": dict(hidden_size=1664, mlp_dim=8192, num_heads=16, num_layers=48),
+}
+PATCH_SIZES = (8, 14, 16, 32)
+_VARIANT_RE = re.compile(r"^(?:ViT-)?(?P<width>[A-Za-z0-9]+)[/_](?P<patch>\d+)$")
+
+
+def _pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) == 1:  # ml_collections reads `--config.model.patch_size=8` into a tuple as (8,)
+        value = value * 2
+    if len(value) != 2 or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ValueError(
+            f"{name}={value!r}: expected a positive int or a (height, width) pair of them"
+        )
+    return value
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Hyperparameters of `vit_jax.model.vit.VisionTransformer`. Defaults are ViT-B/16 at 224 px."""
+
+    # Patches.
+    image_size: tuple[int, int] = (224, 224)
+    patch_size: tuple[int, int] = (16, 16)
+    num_channels: int = 3
+    # Encoder.
+    hidden_size: int = 768
+    mlp_dim: int = 3072
+    num_heads: int = 12
+    num_layers: int = 12
+    layernorm_epsilon: float = 1e-6
+    gelu_approximate: bool = True  # tanh GELU as in the published checkpoints; timm/HF use exact.
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    layerscale_init: float | None = None
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0  # of the last block; rises linearly from 0 at the first.
+    # Tokens and position embeddings.
+    class_token: bool | None = None  # None: a class token exactly when pool == "token".
+    num_registers: int = 0
+    posemb: str = "learn"
+    posemb_covers_prefix: bool = True  # vit_jax/HF: posemb rows for class/register tokens too.
+    # Head.
+    pool: str = "token"
+    fc_norm: bool = False  # LayerNorm after pooling instead of the encoder's final norm (timm avg).
+    representation_size: int | None = None  # pre-logits Dense + tanh
+    num_classes: int = 1000  # 0: no head, the model returns the pooled representation.
+    head_bias_init: float = 0.0
+    # Computation.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"  # resolved per backend by layers.resolve_attention_impl
+    remat_policy: str = "none"
+    scan: bool = False
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 frozen
+        set_("image_size", _pair(self.image_size, "image_size"))
+        set_("patch_size", _pair(self.patch_size, "patch_size"))
+        _check_choice("pool", self.pool, POOLINGS)
+        _check_choice("posemb", self.posemb, POSEMBS)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("remat_policy", self.remat_policy, tuple(REMAT_POLICIES))
+        for side, image, patch in zip(("height", "width"), self.image_size, self.patch_size):
+            if image % patch:
+                raise ValueError(
+                    f"image_size={self.image_size} is not divisible by patch_size={self.patch_size} "
+                    f"(image {side} {image} % patch {patch} = {image % patch}); allowed: image sizes "
+                    f"that are multiples of the patch size"
+                )
+        for name in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "num_channels"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive int")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                f"allowed: num_heads that divide hidden_size"
+            )
+        if self.pool == "token" and not self.has_class_token:
+            raise ValueError(
+                "pool='token' needs class_token=True (allowed: class_token True or None)"
+            )
+        if self.posemb == "sincos2d" and self.posemb_covers_prefix and self.num_prefix_tokens:
+            raise ValueError(
+                "posemb='sincos2d' is a function of the patch grid, so it cannot cover class/register "
+                "tokens: set posemb_covers_prefix=False"
+            )
+        if self.num_registers < 0 or self.num_classes < 0:
+            raise ValueError(
+                f"num_registers={self.num_registers}, num_classes={self.num_classes}: expected >= 0"
+            )
+        for name in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a rate in [0, 1)")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.pool == "token" if self.class_token is None else self.class_token
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.has_class_token) + self.num_registers
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **overrides) -> ViTConfig:
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown ViTConfig field(s) {unknown}; allowed: {field_names()}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
+        return cls().replace(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> ViTConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(ViTConfig)]
+
+
+def parse_variant(variant: str) -> dict[str, Any]:
+    """'ViT-B/16', 'B/16' or 'ViT-B_16' → the width/depth/heads/patch fields of that variant."""
+    match = _VARIANT_RE.match(variant.strip()) if isinstance(variant, str) else None
+    if not match or match["width"] not in WIDTHS:
+        raise ValueError(
+            f"unknown variant {variant!r}; allowed: '<width>/<patch>' (optionally 'ViT-' prefixed, '_' "
+            f"for '/') with width in {list(WIDTHS)} and patch e.g. {list(PATCH_SIZES)}, e.g. 'ViT-B/16'"
+        )
+    patch = int(match["patch"])
+    if patch <= 0:
+        raise ValueError(f"variant {variant!r}: patch size must be positive")
+    return dict(WIDTHS[match["width"]], patch_size=(patch, patch))
+
+
+def get_config(variant: str | ViTConfig | None = None, **overrides) -> ViTConfig:
+    """A validated config: a named variant (or ViT-B/16 defaults when None) with `overrides` on top."""
+    if isinstance(variant, ViTConfig):
+        return variant.replace(**overrides)
+    base = parse_variant(variant) if variant is not None else {}
+    return ViTConfig().replace(**{**base, **overrides})

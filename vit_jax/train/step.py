@@ -1,0 +1,199 @@
+"""The loss, one optimizer step (with gradient accumulation) and one eval step, jitted over a mesh.
+
+The train state is a plain dict {'params', 'opt_state', 'step'} (the checkpoint's `state` item).
+Both steps are compiled once with explicit input/output shardings, so the same code runs on one CPU,
+8 simulated devices, a GPU box or a TPU pod: the mesh decides where every array lives and XLA adds
+the collectives (gradient all-reduce for 'data', all-gather / reduce-scatter for 'fsdp').
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vit_jax import sharding as sharding_lib
+from vit_jax.model.vit import VisionTransformer
+from vit_jax.train import evaluation
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy against (possibly soft: smoothed, mixed-up) targets."""
+    return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def sigmoid_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-example sum over classes of independent binary cross-entropies (big_vision's i21k loss).
+
+    With many classes this is the loss to pair with a head bias of -10: every class starts near
+    probability 0 instead of the softmax's shift-invariant 1/K.
+    """
+    losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), targets)
+    return jnp.sum(losses, axis=-1)
+
+
+LOSSES = {"softmax_xent": cross_entropy, "sigmoid_xent": sigmoid_cross_entropy}
+
+
+def get_loss(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    if name not in LOSSES:
+        raise ValueError(f"config.loss={name!r} is not supported; allowed: {list(LOSSES)}")
+    return LOSSES[name]
+
+
+def split_micro_batches(x: jax.Array, accum_steps: int, mesh: Mesh) -> jax.Array:
+    """(B, ...) → (accum_steps, B / accum_steps, ...), each micro-batch spread over all devices.
+
+    Example r goes to micro-batch r % accum_steps. Taking strided (not contiguous) rows matters: the
+    batch is sharded in contiguous blocks, so contiguous micro-batches would each sit on only a
+    fraction of the devices; strided ones keep every device busy in every micro-step.
+    """
+    micro = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    spec = PartitionSpec(None, sharding_lib.BATCH_AXES)
+    return jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, spec))
+
+
+def make_train_step(
+    model: VisionTransformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    state_shardings: Any,
+    **step_options: Any,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """`train_step(state, batch) -> (state, metrics)`, jitted; `state` is donated.
+
+    See `train_step_fn` for what one step does and its `step_options` (accum_steps, seed, loss).
+    """
+    step = train_step_fn(model, tx, mesh, **step_options)
+    return _jit_step(step, state_shardings, sharding_lib.batch_sharding(mesh), mesh)
+
+
+def make_multi_step(
+    model: VisionTransformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    state_shardings: Any,
+    **step_options: Any,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """`multi_step(state, batches) -> (state, metrics)`: K train steps in one dispatch (`lax.scan`).
+
+    `batches` holds K batches stacked on a leading axis (`sharding.stacked_batch_sharding`); every metric
+    comes back with that leading axis too. The result is that of K calls of `make_train_step`'s step,
+    one per batch (the same rng per step, folded from the state's step), with one host→device
+    dispatch instead of K: what a small model needs when the per-step host overhead dominates.
+    `step_options`: as for `make_train_step`.
+    """
+    step = train_step_fn(model, tx, mesh, **step_options)
+
+    def multi_step(state, batches):
+        return jax.lax.scan(step, state, batches)
+
+    return _jit_step(multi_step, state_shardings, sharding_lib.stacked_batch_sharding(mesh), mesh)
+
+
+def _jit_step(step, state_shardings, batch_sharding, mesh: Mesh):
+    """Jitted with the state laid out as `state_shardings` (donated) and metrics replicated."""
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def train_step_fn(
+    model: VisionTransformer,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    accum_steps: int = 1,
+    seed: int = 0,
+    loss: str = "softmax_xent",
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """The (un-jitted) step `(state, batch) -> (state, metrics)`.
+
+    `batch` = {'image' (B, H, W, C), 'label' (B, K) targets}. The step averages the gradients of
+    `accum_steps` micro-batches (a `lax.scan`, so memory is that of one micro-batch) and equals one
+    step on the whole batch. Dropout/drop-path keys are `fold_in(key(seed), step)` (and the
+    micro-batch index), so a resumed run draws exactly the masks the uninterrupted one would, on
+    any number of devices (JAX's partitionable threefry makes random bits independent of sharding).
+    metrics: 'loss' (mean over the batch) and 'grad_norm' (global, before clipping).
+    """
+    # A stream of its own: `key(seed)` itself initializes the parameters.
+    base_key = jax.random.fold_in(jax.random.key(seed), 1)
+    per_example_loss = get_loss(loss)
+
+    def loss_fn(params, images, targets, rng):
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        return per_example_loss(logits, targets).mean()
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state, batch):
+        params = state["params"]
+        rng = jax.random.fold_in(base_key, state["step"])
+        if accum_steps == 1:
+            loss, grads = grad_fn(params, batch["image"], batch["label"], rng)
+        else:
+            micro = {
+                k: split_micro_batches(batch[k], accum_steps, mesh) for k in ("image", "label")
+            }
+
+            def accumulate(carry, inputs):
+                index, micro_batch = inputs
+                loss, grads = grad_fn(
+                    params,
+                    micro_batch["image"],
+                    micro_batch["label"],
+                    jax.random.fold_in(rng, index),
+                )
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
+            loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+def make_eval_step(
+    model: VisionTransformer,
+    mesh: Mesh,
+    params_shardings: Any,
+    loss: str = "softmax_xent",
+    metrics: Iterable[str] = tuple(evaluation.METRICS),
+) -> Callable[[dict, dict], dict]:
+    """`eval_step(params, batch) -> sums`, jitted. Padded examples (mask 0) count for nothing.
+
+    Returns sums, not means, so batches add up and the caller divides once by the number of real
+    examples: 'loss', each of `metrics` (names in `evaluation.METRICS`) and 'count'.
+    """
+    per_example_loss = get_loss(loss)
+    chosen = evaluation.get_metrics(metrics)
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        labels = jnp.argmax(batch["label"], axis=-1)
+        sums = {"loss": jnp.sum(per_example_loss(logits, batch["label"]) * mask)}
+        for name, metric in chosen.items():
+            sums[name] = jnp.sum(metric.per_example(logits, labels) * mask)
+        return {**sums, "count": jnp.sum(mask)}
+
+    return jax.jit(
+        eval_step,
+        in_shardings=(params_shardings, sharding_lib.batch_sharding(mesh)),
+        out_shardings=sharding_lib.replicated(mesh),
+    )

@@ -1,0 +1,97 @@
+"""Stopping a run cleanly: SIGTERM (preemption) and SIGINT (Ctrl-C) end it at a step boundary.
+
+The first signal lets the current step finish; the trainer then saves a checkpoint and returns, and
+the command exits 143 (SIGTERM) or 130 (SIGINT), the shell's 128 + signal convention, so `train &&
+evaluate`, SLURM requeue and Kubernetes restart policies see an unfinished run. A second Ctrl-C
+aborts at once (KeyboardInterrupt, nothing more saved; the newest committed checkpoint stays).
+
+One process: our own handlers set a flag. Several processes: they must all stop at the same step,
+or the checkpoint's collectives would hang, so JAX's preemption sync service (which
+`jax.distributed.initialize` starts, and which catches SIGTERM itself) picks the step; without
+that service SIGTERM keeps its default effect and the newest checkpoint is where a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import jax
+
+EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}
+
+
+class Aborted(KeyboardInterrupt):
+    """A second Ctrl-C: stop now, without finishing the step or saving."""
+
+    abort_now = True  # vit_jax.tools.cli exits at once: an interrupted save's threads may never end
+
+
+class StopSignals:
+    """Context manager: `.received` is 'SIGTERM' / 'SIGINT' once one arrived, else None."""
+
+    def __init__(self, log=print):
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+        self._multihost = jax.process_count() > 1
+        self._log = log
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        wanted = [] if self._multihost else [signal.SIGTERM, signal.SIGINT]
+        for signum in wanted:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        name = signal.Signals(signum).name
+        if self.received == "SIGINT" and name == "SIGINT":
+            self._abort(signum, None)
+        if self.received is None:
+            self.received = name
+            if name == "SIGINT":
+                print(
+                    "Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again aborts "
+                    "without saving)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def should_stop(self, step: int, steps_done: int = 1) -> bool:
+        """Whether to stop after `step`, the last of `steps_done` steps just run in one dispatch.
+
+        JAX's sync service names one step to stop at and must be asked at every step, so each step
+        of the dispatch is asked about; every process runs the same dispatches, so all of them stop
+        at the end of the same one."""
+        if self.received is not None:
+            return True
+        if not self._multihost:
+            return False
+        from jax.experimental import multihost_utils
+
+        try:
+            for done in range(step - steps_done + 1, step + 1):
+                if multihost_utils.reached_preemption_sync_point(done):
+                    self.received = "SIGTERM"
+                    return True
+        except RuntimeError:  # no preemption service: SIGTERM just ends the processes
+            pass
+        return False
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            # After a Ctrl-C stop, the save and clean-up still run: another Ctrl-C aborts them.
+            if signum == signal.SIGINT and self.received == "SIGINT":
+                previous = self._abort
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    @staticmethod
+    def _abort(signum, frame):
+        del signum, frame
+        raise Aborted(
+            "second Ctrl-C: aborted without saving; the newest committed checkpoint is kept"
+        )

@@ -43,6 +43,7 @@ MODELS = {
     ),
     "map_no_bias_no_posemb": dict(pool="map", qkv_bias=False, posemb="none", image_size=24),
     "no_head_scan": dict(pool="token", num_classes=0, scan=True),
+    "token_distilled": dict(distillation_token=True, gelu_approximate=False),
 }  # fmt: skip
 # What each format refuses, per model (everything else must round-trip).
 REFUSED = {
@@ -51,6 +52,7 @@ REFUSED = {
     ("gap_sincos_gray", "hf"): "pool='gap'",
     ("gap_registers_layerscale_qknorm_fcnorm", "hf"): "registers",
     ("map_no_bias_no_posemb", "hf"): "pool='map'",
+    ("token_distilled", "hf"): "distillation_token",
 }
 PRE = input_convention.Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
@@ -186,8 +188,14 @@ def test_timm_model_names(name, expected):
 
 
 def test_timm_names_that_we_cannot_build_say_so():
-    with pytest.raises(ValueError, match="distilled"):
-        timm_config.parse_timm_name("deit_base_distilled_patch16_224")
+    with pytest.raises(ValueError, match="clip"):
+        timm_config.parse_timm_name("vit_base_patch16_clip_224")
+
+
+def test_distilled_deit_names_bring_the_distillation_token():
+    fields = timm_config.parse_timm_name("deit_base_distilled_patch16_224")
+    assert fields["distillation_token"] and fields["hidden_size"] == 768
+    vit_jax.get_config(**fields)  # a valid model
 
 
 def test_deit_name_brings_imagenet_normalization(tmp_path):

@@ -24,6 +24,9 @@ SOURCES = {
     "timm_token": ("model.safetensors", {"num_heads": 4}),  # a fused qkv hides the heads
     "timm_avg_reg4_layerscale_qknorm": ("model.safetensors", {}),  # q_norm tells the heads
     "hf_vit": ("", {}),  # the folder
+    "timm_deit_distilled": ("model.safetensors", {"num_heads": 4}),  # as timm_token
+    # fixture.json `load_with`: timm read these weights at patch 2 (PI-resized kernel), 8 px.
+    "flexi_patch4_to_patch2": ("params.npz", {"patch_size": 2, "image_size": 8}),
 }
 # What each format cannot represent, per fixture: saving must refuse, naming the reason.
 UNREPRESENTABLE = {
@@ -33,6 +36,7 @@ UNREPRESENTABLE = {
     ("big_vision_map_sincos2d", "hf"): "pool='map'",
     ("big_vision_gap_scan", "hf"): "pool='gap'",
     ("timm_avg_reg4_layerscale_qknorm", "hf"): "registers",
+    ("timm_deit_distilled", "hf"): "distillation_token",
 }
 # What loading the written tensors alone must be told (a reader that ignores our metadata): exactly
 # what the format omits. `load_pretrained` itself needs none of it (test_formats.py).
@@ -63,6 +67,11 @@ RELOAD_OVERRIDES = {
     ("hf_vit", "npz"): {"gelu_approximate": False, "layernorm_epsilon": 1e-12},
     ("hf_vit", "timm"): {"num_heads": 4, "layernorm_epsilon": 1e-12},
     ("hf_vit", "hf"): {},
+    ("timm_deit_distilled", "npz"): {"gelu_approximate": False},
+    ("timm_deit_distilled", "timm"): {"num_heads": 4},
+    ("flexi_patch4_to_patch2", "npz"): {},
+    ("flexi_patch4_to_patch2", "timm"): {"num_heads": 4, "gelu_approximate": True},
+    ("flexi_patch4_to_patch2", "hf"): {},
 }
 
 
@@ -109,7 +118,12 @@ def test_inferred_configs_match_the_fixture_descriptions():
             64,
             4,
         )
-        assert config.patch_size == (4, 4) and config.num_classes == 10
+        assert config.num_classes == 10
+    assert all(c.patch_size == (4, 4) for n, c in configs.items() if n != "flexi_patch4_to_patch2")
+    assert configs["flexi_patch4_to_patch2"].patch_size == (2, 2)
+    assert configs["flexi_patch4_to_patch2"].image_size == (8, 8)
+    deit = configs["timm_deit_distilled"]
+    assert deit.distillation_token and deit.num_prefix_tokens == 2
 
 
 def _round_trip_cases():
@@ -147,6 +161,7 @@ def test_save_and_load_back(name, fmt, tmp_path):
         ("vit_jax_gap", "npz", "params.npz"),
         ("timm_token", "timm", "model.safetensors"),
         ("timm_avg_reg4_layerscale_qknorm", "timm", "model.safetensors"),
+        ("timm_deit_distilled", "timm", "model.safetensors"),
         ("hf_vit", "hf", "model.safetensors"),
     ],
 )

@@ -90,6 +90,9 @@ class ViTConfig:
     # Tokens and position embeddings.
     class_token: bool | None = None  # None: a class token exactly when pool == "token".
     num_registers: int = 0
+    # DeiT: a distillation token after the class token (its own posemb row) read by a second head
+    # `head_dist`; the output is the mean of both heads (timm VisionTransformerDistilled).
+    distillation_token: bool = False
     posemb: str = "learn"
     posemb_covers_prefix: bool = True  # vit_jax/HF: posemb rows for class/register tokens too.
     # Head.
@@ -134,6 +137,14 @@ class ViTConfig:
             raise ValueError(
                 "pool='token' needs class_token=True (allowed: class_token True or None)"
             )
+        if self.distillation_token and (
+            self.pool != "token" or self.representation_size or self.fc_norm
+        ):
+            raise ValueError(
+                f"distillation_token=True with pool={self.pool!r}, representation_size="
+                f"{self.representation_size}, fc_norm={self.fc_norm}: allowed only pool='token' "
+                f"without pre-logits or fc_norm (DeiT)"
+            )
         if self.posemb == "sincos2d" and self.posemb_covers_prefix and self.num_prefix_tokens:
             raise ValueError(
                 "posemb='sincos2d' is a function of the patch grid, so it cannot cover class/register "
@@ -157,7 +168,7 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.has_class_token) + self.num_registers
+        return int(self.has_class_token) + int(self.distillation_token) + self.num_registers
 
     @property
     def head_dim(self) -> int:

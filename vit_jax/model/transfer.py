@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from vit_jax.model import vit
+from vit_jax.model import flexi, vit
 from vit_jax.model.config import ViTConfig
 
 POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
@@ -42,12 +42,14 @@ def unflatten(flat: dict[str, Any]) -> dict:
 _TOP_ORDER = (
     "embedding",
     "cls",
+    "dist",
     "registers",
     "Transformer",
     "MAPHead_0",
     "fc_norm",
     "pre_logits",
     "head",
+    "head_dist",
 )
 _SEGMENT_RANK = {
     "posembed_input": -2,
@@ -159,6 +161,9 @@ def _resizable(posemb: Any, src: ViTConfig, dst: ViTConfig) -> bool:
     )
 
 
+PATCH_KERNEL_KEY = "embedding/kernel"
+
+
 def adapt_params(params: Any, src: ViTConfig, dst: ViTConfig, rng: Any = None) -> dict:
     """`params` of a `src` model → params of a `dst` model (what may differ: module docstring).
 
@@ -172,6 +177,21 @@ def adapt_params(params: Any, src: ViTConfig, dst: ViTConfig, rng: Any = None) -
         params = vit.stack_layers(params, src.num_layers)
     flat = dict(flatten(params))
     expected = expected_shapes(dst)
+
+    # Another patch size: the kernel by FlexiViT's PI-resize (the posemb grid follows below). A
+    # plain ViT takes any patch that divides the image (ViTConfig refuses the rest, naming both
+    # sizes). HOOK for stems (hybrids): refuse a patch change the stem cannot take here, by name.
+    kernel = flat.get(PATCH_KERNEL_KEY)
+    if (
+        src.patch_size != dst.patch_size
+        and kernel is not None
+        and kernel.shape[:2] == src.patch_size
+        # only a kernel that fits the model but for its patch: any other mismatch is reported
+        # below on the checkpoint's own shape
+        and PATCH_KERNEL_KEY in expected
+        and tuple(kernel.shape[2:]) == tuple(expected[PATCH_KERNEL_KEY].shape[2:])
+    ):
+        flat[PATCH_KERNEL_KEY] = flexi.pi_resize_kernel(np.asarray(kernel), dst.patch_size)
 
     if POSEMB_KEY in flat and POSEMB_KEY in expected and _resizable(flat[POSEMB_KEY], src, dst):
         flat[POSEMB_KEY] = resize_posemb(flat[POSEMB_KEY], src, dst)

@@ -177,7 +177,9 @@ class VisionTransformer(nn.Module):
     embeddings are resampled to the new grid). `train=True` turns dropout/drop-path on (pass
     `rngs={'dropout': key}`). `return_attention` / `return_intermediates` make it return
     `(logits, aux)` with `aux['attention']` (L, B, heads, T, T) and/or `aux['tokens']` (L, B, T, D),
-    `aux['encoded']` (B, T, D) and `aux['pre_logits']` (B, D).
+    `aux['encoded']` (B, T, D) and `aux['pre_logits']` (B, D). With `distillation_token` (DeiT) the
+    logits are the mean of the class-token head and `head_dist`, and `return_intermediates` adds
+    `aux['head_logits']` = (class-token logits, distillation logits).
     """
 
     config: ViTConfig
@@ -214,6 +216,11 @@ class VisionTransformer(nn.Module):
         if cfg.has_class_token:
             cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.hidden_size), pdtype)
             prefix.append(jnp.tile(cls, (batch, 1, 1)).astype(dtype))
+        if cfg.distillation_token:  # DeiT: right after the class token, as timm orders them
+            dist = self.param(
+                "dist", nn.initializers.normal(stddev=0.02), (1, 1, cfg.hidden_size), pdtype
+            )
+            prefix.append(jnp.tile(dist, (batch, 1, 1)).astype(dtype))
         if cfg.num_registers:
             registers = self.param(
                 "registers",
@@ -251,16 +258,27 @@ class VisionTransformer(nn.Module):
             )(x)
             x = jnp.tanh(x)
         pre_logits = x
+        heads = [("head", x)]
+        if cfg.distillation_token:  # DeiT's second head reads the distillation token
+            heads.append(("head_dist", encoded[:, 1]))
         if cfg.num_classes:
-            x = nn.Dense(
-                cfg.num_classes,
-                dtype=dtype,
-                param_dtype=pdtype,
-                kernel_init=nn.initializers.zeros,
-                bias_init=nn.initializers.constant(cfg.head_bias_init),
-                name="head",
-            )(x)
-        logits = x.astype(jnp.float32)
+            heads = [
+                (
+                    name,
+                    nn.Dense(
+                        cfg.num_classes,
+                        dtype=dtype,
+                        param_dtype=pdtype,
+                        kernel_init=nn.initializers.zeros,
+                        bias_init=nn.initializers.constant(cfg.head_bias_init),
+                        name=name,
+                    )(tokens_in),
+                )
+                for name, tokens_in in heads
+            ]
+        head_logits = tuple(out.astype(jnp.float32) for _, out in heads)
+        # DeiT (timm VisionTransformerDistilled in eval): the prediction is the mean of both heads.
+        logits = sum(head_logits) / len(head_logits)
 
         if not (return_attention or return_intermediates):
             return logits
@@ -269,6 +287,8 @@ class VisionTransformer(nn.Module):
             aux["attention"] = weights
         if return_intermediates:
             aux.update(tokens=tokens, encoded=encoded, pre_logits=pre_logits)
+            if cfg.distillation_token:
+                aux["head_logits"] = head_logits  # (class-token head, distillation head)
         return logits, aux
 
 

@@ -205,6 +205,7 @@ def unrepresentable(config: ViTConfig) -> list[str]:
     learned = config.posemb == "learn"
     problems = {
         "registers (num_registers > 0)": config.num_registers,
+        "distillation_token": config.distillation_token,
         "LayerScale": config.layerscale_init is not None,
         "qk-norm": config.qk_norm,
         f"pool={config.pool!r} (only 'token')": config.pool != "token",

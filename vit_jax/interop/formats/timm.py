@@ -161,6 +161,7 @@ def to_ours(
         put("embedding/bias", get("patch_embed.proj.bias"), "patch_embed.proj.bias")
     for theirs, ours in (
         ("cls_token", "cls"),
+        ("dist_token", "dist"),
         ("reg_token", "registers"),
         ("pos_embed", layout.POSEMB),
     ):
@@ -191,8 +192,9 @@ def to_ours(
     for theirs, ours in (("norm", "Transformer/encoder_norm"), ("fc_norm", "fc_norm")):
         if f"{theirs}.weight" in state:
             norm(ours, theirs)
-    if "head.weight" in state:
-        dense("head", "head")
+    for head in ("head", "head_dist"):  # head_dist: DeiT's distillation head
+        if f"{head}.weight" in state:
+            dense(head, head)
     unknown = [key for key in state if key not in used]
     if unknown:
         raise ValueError(
@@ -261,6 +263,7 @@ def from_ours(flat: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.nd
     tensors["patch_embed.proj.bias"] = flat["embedding/bias"]
     for ours, theirs in (
         ("cls", "cls_token"),
+        ("dist", "dist_token"),
         ("registers", "reg_token"),
         (layout.POSEMB, "pos_embed"),
     ):
@@ -297,6 +300,8 @@ def from_ours(flat: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.nd
         norm("norm", "Transformer/encoder_norm")
     if config.num_classes:
         dense("head", "head")
+        if config.distillation_token:
+            dense("head_dist", "head_dist")
     return tensors
 
 

@@ -39,7 +39,7 @@ _FAMILIES = ("vit", "deit", "deit3")
 _TANH_GELU = re.compile(
     r"^vit_(base_patch32_siglip|so400m_patch16_siglip|large_patch16_siglip(_gap)?_512|giantopt_)"
 )
-_UNSUPPORTED = ("distilled", "clip", "xp", "rope", "18x2", "pwee", "dwee", "dpwee", "dlittle")
+_UNSUPPORTED = ("clip", "xp", "rope", "18x2", "pwee", "dwee", "dpwee", "dlittle")
 
 
 def _tokens(name: str) -> list[str]:
@@ -78,6 +78,8 @@ def parse_timm_name(name: str) -> dict[str, Any] | None:
     registers = [int(t[3:]) for t in tokens if re.fullmatch(r"reg\d+", t)]
     if registers:
         fields.update(num_registers=registers[0], posemb_covers_prefix=False)
+    if "distilled" in tokens:  # deit_*_distilled_*: DeiT's distillation token and head_dist
+        fields["distillation_token"] = True
     if tokens[0] == "deit3":
         fields.update(layerscale_init=1e-6, posemb_covers_prefix=False)
     elif "dinov2" in tokens or (
@@ -155,6 +157,8 @@ def hub_preprocessing(hub: dict[str, Any]) -> input_convention.Preprocessing | N
 
 def architecture(config: ViTConfig) -> str:
     """A registered timm name of the same width (`model_args` override all of its settings)."""
+    if config.distillation_token:  # timm builds the distillation token only in this class
+        return "deit_base_distilled_patch16_224"
     for width in ("tiny", "small", "base", "large", "huge"):
         if _TIMM_WIDTHS[width]["hidden_size"] == config.hidden_size:
             return f"vit_{width}_patch16_224"

@@ -60,6 +60,9 @@ def check_representable(config: ViTConfig, format: str) -> None:
         raise ValueError(f"format {format!r} cannot represent {', '.join(problems)}")
 
 
+_OVERWRITE_ALLOWS = "(--overwrite, or overwrite=True in Python, allows it)"
+
+
 def _suffixes(module) -> str:
     shown = {"": "a folder (no suffix)"}
     return " or ".join(shown.get(s, f"a {s} file") for s in module.SUFFIXES)
@@ -80,20 +83,27 @@ def check_destination(path: str, format: str, overwrite: bool = False) -> None:
         raise ValueError(f"{path}: format {format!r} writes {_suffixes(writer)}, not {shown}")
     g = fetch.gfile() if "://" in path else None
     exists, isdir = (g.exists, g.isdir) if g else (os.path.lexists, os.path.isdir)
-    again = "(--overwrite, or overwrite=True in Python, allows it)"
     outputs = writer.outputs(path)
     if path not in outputs:  # a folder of files
         if exists(path) and not isdir(path):
             raise ValueError(f"{path} is a file; format {format!r} writes a folder there")
         if isdir(path) and (g.listdir if g else os.listdir)(path) and not overwrite:
-            raise ValueError(f"{path} is a folder that is not empty; refusing to add to it {again}")
+            raise ValueError(
+                f"{path} is a folder that is not empty; refusing to add to it {_OVERWRITE_ALLOWS}"
+            )
     elif isdir(path):
         raise ValueError(f"{path} is a folder; format {format!r} writes {_suffixes(writer)} there")
+    check_outputs(outputs, overwrite, exists, isdir)
+
+
+def check_outputs(outputs, overwrite: bool, exists=os.path.lexists, isdir=os.path.isdir) -> None:
+    """ValueError naming the first of the files `outputs` that is a folder, or that exists unless
+    `overwrite` (every writer checks this before anything is written)."""
     for out in outputs:
         if isdir(out):
             raise ValueError(f"{out} is a folder; refusing to replace it by a file")
         if exists(out) and not overwrite:
-            raise ValueError(f"{out} already exists; refusing to overwrite it {again}")
+            raise ValueError(f"{out} already exists; refusing to overwrite it {_OVERWRITE_ALLOWS}")
 
 
 def save_pretrained(

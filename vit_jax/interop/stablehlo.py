@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import integrity
+from vit_jax.interop import save
 from vit_jax.interop.input_convention import DEFAULT, Preprocessing
 from vit_jax.model.config import ViTConfig
 from vit_jax.model.vit import VisionTransformer
@@ -42,13 +43,7 @@ def check_destination(path: str, overwrite: bool = False) -> None:
     path = os.fspath(path)
     if not path.endswith(SUFFIX):
         raise ValueError(f"{path}: format 'stablehlo' writes a {SUFFIX} file")
-    for out in (path, metadata_path(path)):
-        if os.path.isdir(out):
-            raise ValueError(f"{out} is a folder; refusing to replace it by a file")
-        if os.path.lexists(out) and not overwrite:
-            raise ValueError(
-                f"{out} already exists; refusing to overwrite it (--overwrite allows it)"
-            )
+    save.check_outputs((path, metadata_path(path)), overwrite)
 
 
 def describe(
@@ -95,9 +90,13 @@ def export_stablehlo(
     meta = json.dumps(describe(config, preprocessing or DEFAULT, labels), indent=1, sort_keys=True)
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Both whole or neither under the real names (a failed trace above wrote nothing).
+    # Both or neither under the real names (a failed trace above wrote nothing yet).
     integrity.write_whole(path, blob)
-    integrity.write_whole(metadata_path(path), meta.encode())
+    try:
+        integrity.write_whole(metadata_path(path), meta.encode())
+    except BaseException:
+        os.remove(path)  # a program without its input convention is not a deployable file
+        raise
     return path
 
 

@@ -119,6 +119,7 @@ def infer_config(conv: Converted, hints: dict[str, Any], base: ViTConfig) -> ViT
     has = lambda key: key in flat  # noqa: E731
     width_of = lambda key: flat[key].shape[1] if key in flat else None  # noqa: E731
     has_cls = has("cls")
+    has_dist = has("dist")  # DeiT's distillation token
     registers = width_of("registers") or 0
     shaped: dict[str, Any] = dict(
         patch_size=(ph, pw),
@@ -131,7 +132,7 @@ def infer_config(conv: Converted, hints: dict[str, Any], base: ViTConfig) -> ViT
         qk_norm=has(ATTN.format(0) + "/query_norm/scale"),
         class_token=has_cls,
         num_registers=registers,
-        distillation_token=has("dist"),
+        distillation_token=has_dist,
         fc_norm=has("fc_norm/scale"),
         representation_size=width_of("pre_logits/kernel"),
         num_classes=width_of("head/kernel") or 0,
@@ -151,7 +152,7 @@ def infer_config(conv: Converted, hints: dict[str, Any], base: ViTConfig) -> ViT
     if "pool" in conv.fields or ("pool" in hints and shaped["pool"] != "map"):
         shaped.pop("pool")  # the source or the caller says (e.g. timm global_pool='avg' + norm).
 
-    prefix = int(has_cls) + int(has("dist")) + registers
+    prefix = int(has_cls) + int(has_dist) + registers
     # The caller's image size may be the checkpoint's (naming a non-square grid) or a new one.
     image_hints = [hints.get("image_size"), conv.fields.get("image_size")]
     if has(POSEMB):

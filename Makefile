@@ -8,10 +8,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/digits
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-deploy.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-deploy.txt
 	touch $@
 
 .PHONY: setup train test lint format
@@ -29,4 +30,4 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=30 tests

@@ -1,6 +1,6 @@
 r"""Every GPU figure of the README in one run, one JSON: ours (cuDNN flash attention and XLA
-attention) against timm eager and timm + torch.compile, inference and train step, ViT-B/16 and
-ViT-L/16 at 224 px, bf16 compute over float32 parameters, with MFU at the card's bf16 peak.
+attention) against timm eager and timm + torch.compile, inference and train step, ViT-B/16,
+ViT-L/16 and the hybrid R50+ViT-B/16 (beside timm's vit_base_r50_s16_224) at 224 px, bf16 compute over float32 parameters, with MFU at the card's bf16 peak.
 
   bash benchmarks/gpu.sh results.json                  # on the GPU machine (~5 minutes)
   python benchmarks/gpu.py --tiny --out /tmp/tiny.json # the same script on CPU, tiny model (tests)
@@ -56,6 +56,8 @@ def plan(tiny: bool) -> list[dict]:
     modes = ("train", "inference")
     return [
         *(run_spec(v, b, m, "cudnn", torch_sides) for v, b in sizes for m in modes),
+        # The paper's hybrid: its ResNet stem in bf16 beside timm's vit_base_r50_s16_224.
+        *(run_spec("R50+ViT-B/16", 128, m, "cudnn", torch_sides) for m in modes),
         *(run_spec("B/16", 512, m, "cudnn") for m in modes),
         *(run_spec("B/16", 256, m, "cudnn", xla_gpu_enable_triton_gemm=False) for m in modes),
         *(run_spec(v, b, m, "xla") for v, b in sizes for m in modes),

@@ -43,9 +43,13 @@ def model_fields(variant: str | None = None, **overrides) -> ml_collections.Conf
             continue
         if value is None:
             # Annotations are strings ('float | None'); the first name is the value type.
-            value_type = {"bool": bool, "int": int, "float": float, "str": str}[
-                str(types[name]).split("|")[0].strip()
-            ]
+            value_type = {
+                "bool": bool,
+                "int": int,
+                "float": float,
+                "str": str,
+                "tuple[int, ...]": tuple,
+            }[str(types[name]).split("|")[0].strip()]
             fields[name] = config_dict.placeholder(value_type)
         else:
             fields[name] = tuple(value) if isinstance(value, list) else value
@@ -126,8 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
     # parameter; the start-up log says what was sharded (vit_jax/sharding.py).
     config.sharding_rules = ()
     config.prefetch_to_device = 2  # batches put on the devices ahead of the step; 0 = off
-    # Train steps per call into the devices (a lax.scan over K stacked batches): cuts per-step
-    # host overhead, which dominates for tiny models. Logs/evals/checkpoints keep their steps.
+    # Train steps per call into the devices (up to K stacked batches, one compiled loop): cuts
+    # per-step host overhead, which dominates for tiny models. Logs/evals/checkpoints keep their
+    # steps, and the numbers are the same bit for bit for any K (vit_jax/train/step.py).
     config.steps_per_dispatch = 1
     # Draw and augment train batches on the devices from the whole train split held there (small
     # datasets without random crops / RandAugment; vit_jax/data/on_device.py).

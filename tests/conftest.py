@@ -1,7 +1,13 @@
 """Shared test fixtures."""
 
+import os
+
 import jax
 import pytest
+
+# No test probes public hosts: an unprepared TFDS dataset's network check (data/sources.py) tries
+# this closed local port instead, in this process and every process a test starts.
+os.environ["VIT_JAX_NETWORK_PROBES"] = "127.0.0.1:9"
 
 
 @pytest.fixture(scope="session", autouse=True)

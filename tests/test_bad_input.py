@@ -99,11 +99,13 @@ CASES = [
     ("predict_image", "predict", ["--checkpoint", "{work}", "/no/such.png"], 1, "/no/such.png"),
     ("predict_top_k", "predict", ["--checkpoint", "{work}", "--top_k", "0", "{img}"], 2, "0"),
     ("convert_src", "convert", [MISSING, "{fresh}/x.npz", "--to", "npz"], 1, MISSING),
-    ("convert_to", "convert", ["{work}", "{fresh}/x.npz", "--to", "onnx"], 2, "onnx"),
+    ("convert_to", "convert", ["{work}", "{fresh}/x.npz", "--to", "caffe"], 2, "caffe"),
     ("bench_batch", "benchmark", ["--batch_size=0"], 1, "batch_size=0"),
     ("bench_modes", "benchmark", ["--modes=fly"], 1, "fly"),
     ("bench_variant", "benchmark", ["--variant=ViT-Q/16", "--modes=inference"], 1, "ViT-Q/16"),
     ("bench_flag", "benchmark", ["--bogus_flag=1"], 2, "bogus_flag"),
+    ("bench_compiler_option", "benchmark", ["--compiler_option=xla_x"], 2, "NAME=VALUE"),
+    ("convert_under_file", "convert", ["{work}", "{img}/x.npz", "--to", "npz"], 1, "is a file"),
 ]
 
 

@@ -287,7 +287,7 @@ def test_save_refuses_params_that_do_not_fit(tmp_path):
             params, str(tmp_path / "x.npz"), model=config.config.replace(hidden_size=64)
         )
     with pytest.raises(ValueError, match="format="):
-        vit_jax.save_pretrained(params, str(tmp_path / "x"), format="onnx", model=config)
+        vit_jax.save_pretrained(params, str(tmp_path / "x"), format="caffe", model=config)
     assert not list(tmp_path.iterdir())
 
 

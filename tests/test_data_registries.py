@@ -208,8 +208,12 @@ def _image_folder(tmp_path, digits_data_dir):
     return make_folder(tmp_path / "folder"), str(tmp_path / "tfds")
 
 
+def _fractaldb(tmp_path, digits_data_dir):
+    return "fractaldb/c3_i4_r8", str(tmp_path)  # prepared on first use, offline, in a second
+
+
 # How a test opens each builder we ship; a new builder needs a line here.
-BUILT_IN_DATASETS = {"digits": _digits, "vit_image_folder": _image_folder}
+BUILT_IN_DATASETS = {"digits": _digits, "vit_image_folder": _image_folder, "fractaldb": _fractaldb}
 
 
 def test_every_shipped_builder_has_a_way_to_open_it():

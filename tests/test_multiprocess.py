@@ -222,6 +222,9 @@ def test_checkpoint_resumes_on_another_process_count(
     tmp, one, _ = reference_runs
     resumed = tmp / f"from_{source}_on_{processes}"
     copy_checkpoint(tmp / source, 3, resumed)
+    # ... and with other harmless fields (workdir.HARMLESS), as a preempted job may come back
+    other = ["--config.checkpoint_every_steps=2", "--config.keep_checkpoints=1"]
+    other += ["--config.eval_batch_size=20", "--config.async_checkpoints=False"]
     run(
         tmp,
         resumed.name,
@@ -229,7 +232,7 @@ def test_checkpoint_resumes_on_another_process_count(
         devices,
         digits_data_dir,
         compile_cache,
-        [f"--config.total_steps={STEPS}"],
+        [f"--config.total_steps={STEPS}", *other],
     )
     log = (tmp / f"{resumed.name}.0.log").read_text()
     assert "Resuming from the checkpoint of step 3" in log

@@ -60,7 +60,10 @@ def test_a_restart_and_grouped_steps_give_the_same_batches():
     data = make_data(flip=True, translate_pixels=2, mixup_alpha=0.2, label_smoothing=0.1)
     singles = [data.batch(step) for step in range(6)]
     (_, restarted), *_ = data.batches(4, [1])
-    np.testing.assert_array_equal(restarted["image"], singles[4]["image"])
+    np.testing.assert_array_equal(restarted["image"][0], singles[4]["image"])
+    (size, padded), *_ = data.batches(4, [2], stack=3)  # the trainer's K=3 program, 2 steps used
+    assert size == 2 and padded["image"].shape[0] == 3
+    np.testing.assert_array_equal(padded["image"][1], singles[5]["image"])
     group = make_data(flip=True, translate_pixels=2, mixup_alpha=0.2, label_smoothing=0.1).batch(
         2, size=3
     )

@@ -27,6 +27,10 @@ SOURCES = {
     "timm_deit_distilled": ("model.safetensors", {"num_heads": 4}),  # as timm_token
     # fixture.json `load_with`: timm read these weights at patch 2 (PI-resized kernel), 8 px.
     "flexi_patch4_to_patch2": ("params.npz", {"patch_size": 2, "image_size": 8}),
+    # The paper's hybrids: a ResNet stem (root + one bottleneck unit / the root alone) first.
+    "vit_jax_hybrid_r1_token": ("params.npz", {}),
+    "vit_jax_hybrid_stem_gap": ("params.npz", {}),
+    "timm_hybrid_r1": ("model.safetensors", {"num_heads": 4}),  # as timm_token
 }
 # What each format cannot represent, per fixture: saving must refuse, naming the reason.
 UNREPRESENTABLE = {
@@ -37,6 +41,9 @@ UNREPRESENTABLE = {
     ("big_vision_gap_scan", "hf"): "pool='gap'",
     ("timm_avg_reg4_layerscale_qknorm", "hf"): "registers",
     ("timm_deit_distilled", "hf"): "distillation_token",
+    ("vit_jax_hybrid_r1_token", "hf"): "ResNet stem",
+    ("vit_jax_hybrid_stem_gap", "hf"): "ResNet stem",
+    ("timm_hybrid_r1", "hf"): "ResNet stem",
 }
 # What loading the written tensors alone must be told (a reader that ignores our metadata): exactly
 # what the format omits. `load_pretrained` itself needs none of it (test_formats.py).
@@ -72,6 +79,24 @@ RELOAD_OVERRIDES = {
     ("flexi_patch4_to_patch2", "npz"): {},
     ("flexi_patch4_to_patch2", "timm"): {"num_heads": 4, "gelu_approximate": True},
     ("flexi_patch4_to_patch2", "hf"): {},
+    # The stem's epsilons are numerics, not tensors: each library reads back its own.
+    ("vit_jax_hybrid_r1_token", "npz"): {},
+    ("vit_jax_hybrid_stem_gap", "npz"): {},
+    **{
+        (name, "timm"): {
+            "num_heads": 4,
+            "gelu_approximate": True,
+            "resnet_norm_epsilon": 1e-6,
+            "resnet_ws_epsilon": 1e-5,
+        }
+        for name in ("vit_jax_hybrid_r1_token", "vit_jax_hybrid_stem_gap")
+    },
+    ("timm_hybrid_r1", "npz"): {
+        "gelu_approximate": False,
+        "resnet_norm_epsilon": 1e-5,
+        "resnet_ws_epsilon": 1e-8,
+    },
+    ("timm_hybrid_r1", "timm"): {"num_heads": 4},
 }
 
 
@@ -119,11 +144,23 @@ def test_inferred_configs_match_the_fixture_descriptions():
             4,
         )
         assert config.num_classes == 10
-    assert all(c.patch_size == (4, 4) for n, c in configs.items() if n != "flexi_patch4_to_patch2")
+    plain = [n for n in configs if n != "flexi_patch4_to_patch2" and "hybrid" not in n]
+    assert all(configs[n].patch_size == (4, 4) for n in plain)
     assert configs["flexi_patch4_to_patch2"].patch_size == (2, 2)
     assert configs["flexi_patch4_to_patch2"].image_size == (8, 8)
     deit = configs["timm_deit_distilled"]
     assert deit.distillation_token and deit.num_prefix_tokens == 2
+    # Hybrids (fixture.json): the ResNet stages and root width, the patch on the stem's map.
+    hybrids = {n: configs[n] for n in configs if "hybrid" in n}
+    assert {
+        n: (c.resnet_stages, c.resnet_width, c.patch_size, c.pool) for n, c in hybrids.items()
+    } == {
+        "vit_jax_hybrid_r1_token": ((1,), 64, (1, 1), "token"),
+        "vit_jax_hybrid_stem_gap": ((), 64, (2, 2), "gap"),
+        "timm_hybrid_r1": ((1,), 32, (1, 1), "token"),
+    }
+    assert all(c.image_size == (16, 16) and c.num_channels == 3 for c in hybrids.values())
+    assert configs["timm_hybrid_r1"].resnet_norm_epsilon == 1e-5  # timm's GroupNorm
 
 
 def _round_trip_cases():
@@ -162,6 +199,9 @@ def test_save_and_load_back(name, fmt, tmp_path):
         ("timm_token", "timm", "model.safetensors"),
         ("timm_avg_reg4_layerscale_qknorm", "timm", "model.safetensors"),
         ("timm_deit_distilled", "timm", "model.safetensors"),
+        ("vit_jax_hybrid_r1_token", "npz", "params.npz"),
+        ("vit_jax_hybrid_stem_gap", "npz", "params.npz"),
+        ("timm_hybrid_r1", "timm", "model.safetensors"),
         ("hf_vit", "hf", "model.safetensors"),
     ],
 )

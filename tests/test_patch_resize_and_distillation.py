@@ -131,3 +131,39 @@ def test_distilled_output_is_the_mean_of_both_heads(distilled):
 def test_distillation_token_needs_deits_head(overrides):
     with pytest.raises(ValueError, match="distillation_token=True.*allowed only pool='token'"):
         vit_jax.get_config(**SMALL, distillation_token=True, **overrides)
+
+
+def test_a_distilled_checkpoint_without_its_second_head_is_refused_naming_it(tmp_path):
+    from safetensors.numpy import save_file
+
+    from vit_jax.interop.formats import source
+
+    state = source.read_safetensors(str(FIXTURES / "timm_deit_distilled" / "model.safetensors"))
+    path = str(tmp_path / "no_head_dist.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("head_dist")}, path)
+    with pytest.raises(ValueError, match="'head_dist/kernel' .* is missing from the checkpoint"):
+        vit_jax.load_pretrained(path, num_heads=4)
+
+
+def test_convert_and_predict_take_another_patch_size(tmp_path, capsys):
+    from PIL import Image
+
+    from vit_jax.tools import convert as convert_cli
+    from vit_jax.tools import predict as predict_cli
+
+    at_patch_2 = ["--set", "patch_size=2", "--set", "image_size=8"]
+    out = tmp_path / "p2.npz"
+    assert convert_cli.main([str(FLEXI), str(out), "--to", "npz", *at_patch_2]) == 0
+    model, params = vit_jax.load_pretrained(str(out))
+    assert model.config.patch_size == (2, 2) and model.config.image_size == (8, 8)
+    images = np.load(FLEXI.parent / "images.npy")  # what timm's own loader was fed at patch 2
+    expected = np.load(FLEXI.parent / "logits.npy")
+    assert np.abs(logits_of(model.config, params, images) - expected).max() <= 1e-4
+
+    pixels = np.round((images[0] + 1) * 127.5).astype(np.uint8)  # an 8x8 RGB image file
+    png = str(tmp_path / "x.png")
+    Image.fromarray(pixels).save(png)
+    capsys.readouterr()
+    assert predict_cli.main(["--checkpoint", str(FLEXI), *at_patch_2, "--top_k", "1", png]) == 0
+    top1 = int(np.argmax(logits_of(model.config, params, images[:1])[0]))
+    assert capsys.readouterr().out.strip().splitlines()[1].split()[-1] in (str(top1), f"[{top1}]")

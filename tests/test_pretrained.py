@@ -127,7 +127,17 @@ TIMM_TOP1 = {  # timm results-imagenet.csv, vit_*.augreg_in21k_ft_in1k
     ("B/16", ""): 84.532, ("B/16", "-384"): 85.996, ("B/8", ""): 85.798, ("L/16", ""): 85.834,
     ("L/16", "-384"): 87.084,
 }  # fmt: skip
+HYBRID_TOP1 = {  # timm results-imagenet.csv (commit 0173a13), the hybrids timm loads these files as
+    ("R+ViT-Ti/16", "augreg-i21k-ft-i1k"): 71.798,  # vit_tiny_r_s16_p8_224.augreg_in21k_ft_in1k
+    ("R+ViT-Ti/16", "augreg-i21k-ft-i1k-384"): 75.962,
+    ("R26+ViT-S/32", "augreg-i21k-ft-i1k"): 81.864,  # vit_small_r26_s32_224
+    ("R26+ViT-S/32", "augreg-i21k-ft-i1k-384"): 84.048,
+    ("R50+ViT-L/32", "augreg-i21k-ft-i1k"): 84.422,  # vit_large_r50_s32_224
+    ("R50+ViT-L/32", "augreg-i21k-ft-i1k-384"): 86.182,
+    ("R50+ViT-B/16", "i21k-ft-i1k-384"): 84.976,  # vit_base_r50_s16_384.orig_in21k_ft_in1k
+}
 STATED_TOP1 = {
+    **HYBRID_TOP1,
     **{(f"ViT-{m}", "augreg-i21k-ft-i1k-384-recommended"): t for m, t in README_TOP1.items()},
     **{(f"ViT-{m}", f"augreg-i21k-ft-i1k{res}"): t for (m, res), t in TIMM_TOP1.items()},
     ("ViT-S/16", "i1k-90ep"): 76.5,  # big_vision configs/vit_s16_i1k.py

@@ -80,6 +80,7 @@ def test_other_tfds_datasets_show_tfds_bars_only_on_a_terminal(tmp_path, monkeyp
         raise ConnectionError("offline")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", prepare)
+    monkeypatch.setattr(sources, "_check_network", lambda name, where: None)  # a host answers
     config = pipeline.default_data_config()
     config.dataset, config.data_dir = "cifar10", str(tmp_path)
     with progress.tfds_bars(False):  # as the CLIs leave it

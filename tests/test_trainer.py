@@ -214,13 +214,15 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     saved = checkpoints.TrainCheckpoints(tmp_path / "resumed" / "checkpoints").all_steps()
     assert saved == [4, first["step"]]
 
-    second = trainer.train_and_evaluate(config, str(tmp_path / "resumed"), data=FakeData(config))
+    # Resumed with other harmless fields (workdir.HARMLESS): the same numbers, bit for bit.
+    other = tiny_config(checkpoint_every_steps=5, log_every_steps=3, keep_checkpoints=1)
+    other.steps_per_dispatch = 8
+    other.model.dropout_rate = 0.1
+    second = trainer.train_and_evaluate(other, str(tmp_path / "resumed"), data=FakeData(other))
     assert not second["preempted"] and min(second["train_losses"]) == first["step"] + 1
     resumed = {**first["train_losses"], **second["train_losses"]}
-    assert sorted(resumed) == sorted(uninterrupted["train_losses"])
-    for step, loss in uninterrupted["train_losses"].items():
-        np.testing.assert_allclose(resumed[step], loss, rtol=1e-6, err_msg=f"step {step}")
-    assert second["eval"] == pytest.approx(uninterrupted["eval"], rel=1e-6)
+    assert resumed == uninterrupted["train_losses"]
+    assert second["eval"] == uninterrupted["eval"]
 
 
 def test_nonfinite_loss_names_the_step_and_keeps_the_newest_checkpoint(tmp_path):

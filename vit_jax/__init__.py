@@ -7,6 +7,8 @@ Public API:
   load_pretrained('ViT-B/16', pretrained='augreg-i21k-ft-i1k')   a public checkpoint by name
   list_pretrained()                          what names exist, with their inputs and accuracy
   save_pretrained(params, path, format=..., model=..., preprocessing=...)
+      format: npz | timm | hf (weights) or onnx | savedmodel | tflite | stablehlo (deployment;
+      with_preprocessing=, quantize='dynamic_int8', batch=, input_size=, labels=)
 """
 
 from vit_jax.model.config import ViTConfig, get_config
@@ -32,10 +34,10 @@ def __getattr__(name):
         from vit_jax.interop import load
 
         return load.load_pretrained
-    if name == "save_pretrained":
-        from vit_jax.interop import save
+    if name == "save_pretrained":  # weights (npz, timm, hf) or a deployed file (onnx, ...)
+        from vit_jax.interop import deploy
 
-        return save.save_pretrained
+        return deploy.save_pretrained
     if name == "list_pretrained":
         from vit_jax.interop import pretrained
 

@@ -6,8 +6,9 @@ Layout: `<workdir>/checkpoints/<step>/` holds these items:
   preprocessing JSON of `vit_jax.interop.input_convention.Preprocessing.to_dict()`: the input convention;
   data_state    JSON, e.g. {"step": 1200, "order": "global", "process_count": 2, ...}: where the
                 input pipeline resumes, and the topology that wrote it;
-  integrity     JSON: a fingerprint of every array of `state` and a copy of `data_state`
-                (see `vit_jax.integrity`), verified on restore.
+  integrity     JSON: a fingerprint of every array of `state`, a copy of `data_state` (both
+                verified on restore) and the run's numerics fingerprint (versions, devices, CPU
+                features; see `vit_jax.integrity`): a resume on another one is warned about.
 Every process calls save/restore (Orbax coordinates the hosts; each writes its own shards).
 
 Damage: restoring (`restore_newest_intact`) tries the steps newest first; a step that cannot be
@@ -18,6 +19,7 @@ directories of an interrupted save are removed when the manager starts.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -56,6 +58,7 @@ class TrainCheckpoints:
         self.directory = absolute_path(directory)
         _remove_interrupted_saves(self.directory)
         self._fingerprint = None
+        self._numerics = None
         self._started: list[int] = []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -92,7 +95,13 @@ class TrainCheckpoints:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise self._write_error(step, e) from None
-        record = {"arrays": self._fingerprint_of(state), "data_state": data_state}
+        if self._numerics is None:
+            self._numerics = integrity.numerics_fingerprint()
+        record = {
+            "arrays": self._fingerprint_of(state),
+            "data_state": data_state,
+            "numerics": self._numerics,
+        }
         self._started.append(step)
         try:
             items = dict(
@@ -165,6 +174,7 @@ class TrainCheckpoints:
         if record.get("data_state") != restored.data_state:
             raise DamagedCheckpointError("data_state differs from the one recorded at save time")
         integrity.verify(self._fingerprint_of(restored.state), record.get("arrays", {}))
+        self._restored_numerics = record.get("numerics")
         return restored.state, restored.data_state
 
     def restore_newest_intact(self, abstract_state: Any, warn=print) -> tuple[dict, dict] | None:
@@ -176,6 +186,7 @@ class TrainCheckpoints:
         """
         steps = sorted(self.all_steps(), reverse=True)
         for step in steps:
+            self._restored_numerics = None
             try:
                 restored, error = self._restore_verified(abstract_state, step), None
             except Exception as e:  # noqa: BLE001  (any failure to read a step means: damaged)
@@ -184,6 +195,7 @@ class TrainCheckpoints:
             # for all, so that they resume from the same step.
             damaged_on = distributed.processes_where(error is not None)
             if not damaged_on:
+                self._warn_on_numerics_change(step, warn)
                 return restored
             reason = integrity.short_reason(error) if error else f"read by process(es) {damaged_on}"
             moved = self._move_aside(step)
@@ -197,6 +209,19 @@ class TrainCheckpoints:
                 f"{self.directory.parent / DAMAGED_DIR}); rerun with --restart to start over"
             )
         return None
+
+    def _warn_on_numerics_change(self, step: int, warn) -> None:
+        """One `warn` line when the step was written on another numerics fingerprint (versions,
+        devices, CPU features): the run continues, but not bit for bit as it would have there."""
+        if self._numerics is None:
+            self._numerics = integrity.numerics_fingerprint()
+        differ = integrity.numerics_differences(self._restored_numerics, self._numerics)
+        if differ:
+            warn(
+                f"WARNING checkpoint step {step} in {self.directory} was written with another "
+                f"numerics fingerprint (saved → here: {'; '.join(differ)}): the run continues, but its numbers "
+                f"may differ in the last digits from a run done entirely on one of them"
+            )
 
     def _move_aside(self, step: int) -> str:
         """Moves the step into checkpoints-damaged/ (process 0 alone; the others wait for it)."""
@@ -252,24 +277,39 @@ def _is_step_dir(path: epath.Path) -> bool:
     return (path / "state").is_dir() and (path / "model_config").is_dir()
 
 
-def find_step_dir(path: str | epath.Path) -> epath.Path:
-    """A step dir, a checkpoints dir (its newest step) or a workdir (its newest step) → step dir."""
-    path = epath.Path(path)
+def _step_dirs(path: epath.Path) -> tuple[list[epath.Path], bool]:
+    """The step dirs `path` names, newest first, and whether it named one step exactly.
+
+    A workdir or checkpoints dir lists every numbered folder holding any checkpoint item (so a
+    damaged step, e.g. one whose state/ is gone, is seen and reported rather than passed over).
+    """
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     if _is_step_dir(path):
-        return path
+        return [path], True
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    steps = (
-        [p for p in path.iterdir() if p.name.isdigit() and _is_step_dir(p)] if path.is_dir() else []
-    )
-    if not steps:
+    steps = []
+    if path.is_dir():
+        steps = [
+            p
+            for p in path.iterdir()
+            if p.name.isdigit() and p.is_dir() and any((p / item).exists() for item in ITEMS)
+        ]
+    if not any(_is_step_dir(p) for p in steps):
         raise FileNotFoundError(
             f"{str(path)!r} holds no checkpoint: expected <workdir>, <workdir>/checkpoints or "
             f"<workdir>/checkpoints/<step> written by vit_jax training"
         )
-    return max(steps, key=lambda p: int(p.name))
+    return sorted(steps, key=lambda p: int(p.name), reverse=True), False
+
+
+def find_step_dir(path: str | epath.Path) -> epath.Path:
+    """A step dir, a checkpoints dir (its newest step) or a workdir (its newest step) → step dir.
+
+    Only the layout is looked at; `read_trained` also checks the step reads back intact.
+    """
+    return next(p for p in _step_dirs(epath.Path(path))[0] if _is_step_dir(p))
 
 
 def is_checkpoint(path: str | epath.Path) -> bool:
@@ -288,26 +328,19 @@ def absolute_path(path: str | epath.Path) -> epath.Path:
     return epath.Path(os.path.abspath(os.fspath(path)))
 
 
-def read_preprocessing(path: str | epath.Path) -> dict[str, Any] | None:
-    """The input convention a checkpoint recorded (None for checkpoints written before it was)."""
-    step_dir = find_step_dir(absolute_path(path))
-    if not (step_dir / "preprocessing").is_dir():
-        return None
+def _read_json(directory: epath.Path) -> Any:
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-        step_dir / "preprocessing", args=ocp.args.JsonRestore()
+        directory, args=ocp.args.JsonRestore()
     )
 
 
-def read_model(path: str | epath.Path) -> tuple[ViTConfig, dict]:
-    """(ViTConfig, params as numpy) of a checkpoint; `path` as `find_step_dir` accepts.
-
-    Reads only the parameters (not the optimizer state), onto the host, so it works on any number
-    of devices and does not need the mesh the checkpoint was written from.
-    """
-    step_dir = find_step_dir(absolute_path(path))
-    config_dict = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-        step_dir / "model_config", args=ocp.args.JsonRestore()
-    )
+def _read_step(step_dir: epath.Path) -> tuple[ViTConfig, dict, dict | None]:
+    """(config, params as numpy, preprocessing dict or None) of one step, its params verified
+    against the fingerprints recorded at save time (steps written before them: as they are)."""
+    if not _is_step_dir(step_dir):
+        missing = [item for item in ("state", "model_config") if not (step_dir / item).is_dir()]
+        raise DamagedCheckpointError(f"no {' or '.join(missing)} item")
+    config = ViTConfig.from_dict(_read_json(step_dir / "model_config"))
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
     params_meta = tree["params"]
@@ -319,4 +352,57 @@ def read_model(path: str | epath.Path) -> tuple[ViTConfig, dict]:
         step_dir / "state",
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
     )
-    return ViTConfig.from_dict(config_dict), restored["params"]
+    params = restored["params"]
+    if (step_dir / "integrity").is_dir():
+        recorded = _read_json(step_dir / "integrity").get("arrays", {})
+        recorded = {k: v for k, v in recorded.items() if k.startswith("['params']")}
+        integrity.verify(integrity.make_fingerprint()({"params": params}), recorded)
+    preprocessing = None
+    if (step_dir / "preprocessing").is_dir():
+        preprocessing = _read_json(step_dir / "preprocessing")
+    return config, params, preprocessing
+
+
+def _warn(message: str) -> None:
+    logging.getLogger("vit_jax").warning(message)
+
+
+def read_trained(
+    path: str | epath.Path, warn=_warn
+) -> tuple[ViTConfig, dict, dict | None, epath.Path]:
+    """(config, params, preprocessing dict or None, step dir) of the newest intact step.
+
+    `path` as `find_step_dir` accepts. For a workdir or checkpoints dir, a step that cannot be read
+    or whose params do not match their fingerprint is named in one `warn` line and the previous one
+    is used, as a training restore does (nothing is moved: reading changes no file). One step
+    named exactly must be intact. Raises DamagedCheckpointError when no step is.
+    """
+    steps, exact = _step_dirs(absolute_path(path))
+    for step_dir in steps:
+        try:
+            return (*_read_step(step_dir), step_dir)
+        except Exception as e:  # noqa: BLE001  (any failure to read a step means: damaged)
+            reason = integrity.short_reason(e)
+            if exact:
+                raise DamagedCheckpointError(
+                    f"checkpoint {step_dir} is damaged ({reason}); pass its workdir to use the "
+                    f"newest intact step"
+                ) from None
+            warn(
+                f"checkpoint step {step_dir.name} in {step_dir.parent} is damaged ({reason}); "
+                f"using the previous one"
+            )
+    raise DamagedCheckpointError(
+        f"every checkpoint in {steps[0].parent} is damaged (steps "
+        f"{[int(p.name) for p in steps]}); the run has nothing intact to read"
+    )
+
+
+def read_model(path: str | epath.Path) -> tuple[ViTConfig, dict]:
+    """(ViTConfig, params as numpy) of a checkpoint's newest intact step (`read_trained`).
+
+    Reads only the parameters (not the optimizer state), onto the host, so it works on any number
+    of devices and does not need the mesh the checkpoint was written from.
+    """
+    config, params, _, _ = read_trained(path)
+    return config, params

@@ -9,6 +9,12 @@ Storage: `check_writable` probes a directory with a tiny file (read-only file sy
 permissions fail in milliseconds, not at Orbax's barrier timeout); `storage_cause` turns the
 errors a save can end in (ENOSPC, EROFS, EACCES, tensorstore's RESOURCE_EXHAUSTED) into a phrase;
 `write_whole` writes a local file so that it is never seen half-written.
+
+Numerics: `numerics_fingerprint` records what a run's numbers depend on besides its config (jax,
+jaxlib and XLA versions, backend, device kind and count, the CPU's vector instruction sets, core
+count, XLA_FLAGS and thread settings); each checkpoint stores it and a resume on another one is
+warned about (`numerics_differences`), since XLA compiles for the machine it runs on and results
+then differ in the last digits.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import platform
+import re
 import uuid
 from typing import Any
 
@@ -155,3 +163,79 @@ def check_writable(directory: str | epath.Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.remove(probe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics fingerprint.
+
+# The CPU instruction sets LLVM may vectorize XLA's CPU code with (the flags of /proc/cpuinfo):
+# another set is another compiled program, e.g. other fused-multiply-add or reduction widths.
+# (jax exposes no XLA CPU target features; this is what the host says it has.)
+_ISA_FLAG = re.compile(r"(sse\d\w*|ssse3|avx\w*|fma\w*|f16c|amx\w*)$")
+_THREAD_VARIABLES = ("XLA_FLAGS", "OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
+
+
+def _cpu_info() -> tuple[str, list[str]]:
+    """(model name, sorted vector-ISA flags) of this host's CPU ('' and [] where unknown)."""
+    model, flags = platform.processor(), set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and value.strip():
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:  # x86 / ARM
+                flags = {flag for flag in value.split() if _ISA_FLAG.match(flag)}
+    return model, sorted(flags)
+
+
+def numerics_fingerprint() -> dict[str, Any]:
+    """What this process's compiled numbers depend on besides the config (JSON-serializable)."""
+    import jaxlib
+    from jax.extend import backend as jax_backend
+
+    devices = jax.devices()
+    cpu_model, cpu_flags = _cpu_info()
+    try:
+        from jax._src import lib as jax_lib  # XLA's own revision; not public, hence guarded
+
+        xla = str(jax_lib.jaxlib_extension_version)
+    except (ImportError, AttributeError):
+        xla = "unknown"
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "xla_extension": xla,
+        "backend": jax.default_backend(),
+        "platform_version": jax_backend.get_backend().platform_version,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "cpu_model": cpu_model,
+        "cpu_features": " ".join(cpu_flags),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
+        **{name: os.environ.get(name, "") for name in _THREAD_VARIABLES},
+    }
+
+
+def numerics_differences(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """'name: saved → current' for each entry that differs (CPU features: which are on one side
+    only) ([] when `saved` is None: a checkpoint
+    written before fingerprints existed says nothing)."""
+    if not saved:
+        return []
+    out = []
+    for name in sorted(set(saved) | set(current)):
+        old, new = saved.get(name), current.get(name)
+        if old == new:
+            continue
+        if name == "cpu_features" and isinstance(old, str) and isinstance(new, str):
+            gone = sorted(set(old.split()) - set(new.split()))
+            added = sorted(set(new.split()) - set(old.split()))
+            parts = [f"{' '.join(gone)} at save time only"] if gone else []
+            parts += [f"{' '.join(added)} here only"] if added else []
+            out.append(f"cpu_features: {', '.join(parts)}")
+        else:
+            out.append(f"{name}: {old!r} → {new!r}")
+    return out

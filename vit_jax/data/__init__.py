@@ -11,7 +11,7 @@
 * `on_device`: `config.data_on_device`, a small train split held and augmented on the devices.
 * `validation`: config and dataset checks with clear errors.
 * `defaults`: every data field's default and meaning, free of TensorFlow so config files import them.
-* `builders/`: the TFDS builders that ship with vit_jax (digits, image folders).
+* `builders/`: the TFDS builders that ship with vit_jax (digits, image folders, fractaldb).
 
 The face is imported lazily: `vit_jax.data.defaults` (read by every config file) loads no TensorFlow.
 """

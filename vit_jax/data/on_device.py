@@ -103,21 +103,21 @@ def _mix(images, targets, key, step, alpha):
     return mixed[0], mixed[1]
 
 
-def _steps(images, labels, key, epochs, offsets, steps, *, aug, batch_size, num_classes, size):
+def _steps(images, labels, key, epochs, offsets, steps, *, aug, batch_size, num_classes, squeeze):
     one = functools.partial(_one_step, aug=aug, batch_size=batch_size, num_classes=num_classes)
     x, y = jax.vmap(one, in_axes=(None, None, None, 0, 0))(images, labels, key, epochs, offsets)
     if aug.mixup_alpha > 0:
         x, y = jax.vmap(_mix, in_axes=(0, 0, None, 0, None))(x, y, key, steps, aug.mixup_alpha)
-    if size == 1:
+    if squeeze:
         x, y = x[0], y[0]
     return {"image": x, "label": y}
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(aug: _Augment, batch_size: int, num_classes: int, size: int, sharding):
+def _compiled(aug: _Augment, batch_size: int, num_classes: int, squeeze: bool, sharding):
     """One jitted batch maker per setting (shared by every DeviceTrainData that needs it)."""
     fn = functools.partial(
-        _steps, aug=aug, batch_size=batch_size, num_classes=num_classes, size=size
+        _steps, aug=aug, batch_size=batch_size, num_classes=num_classes, squeeze=squeeze
     )
     return jax.jit(fn, out_shardings={"image": sharding, "label": sharding})
 
@@ -143,22 +143,27 @@ class DeviceTrainData:
         self._single = sharding_lib.batch_sharding(mesh)
         self._stacked = sharding_lib.stacked_batch_sharding(mesh)
 
-    def batch(self, first_step: int, size: int = 1) -> dict[str, jax.Array]:
-        """The global batches of steps first_step .. first_step + size - 1 (stacked when size > 1)."""
+    def batch(self, first_step: int, size: int = 1, stacked: bool = False) -> dict[str, jax.Array]:
+        """The global batches of steps first_step .. first_step + size - 1, stacked on a new axis 0
+        when size > 1 or `stacked`. Each step's batch has the same bits whatever the size."""
         steps = np.arange(first_step, first_step + size, dtype=np.int64)
         epochs, offsets = np.divmod(steps * self._batch, self._n)  # exact ints, on the host
-        sharding = self._single if size == 1 else self._stacked
-        fn = _compiled(self._aug, self._batch, self._num_classes, size, sharding)
+        squeeze = size == 1 and not stacked
+        sharding = self._single if squeeze else self._stacked
+        fn = _compiled(self._aug, self._batch, self._num_classes, squeeze, sharding)
         return fn(
             self._images, self._labels, self._key,
             epochs.astype(np.int32), offsets.astype(np.int32), steps.astype(np.int32),
         )  # fmt: skip
 
-    def batches(self, start_step: int, sizes: Iterable[int]) -> Iterator[tuple[int, dict]]:
-        """(size, batch) per planned dispatch, as `dispatch.to_devices` yields them."""
+    def batches(
+        self, start_step: int, sizes: Iterable[int], stack: int = 1
+    ) -> Iterator[tuple[int, dict]]:
+        """(size, batches) per planned dispatch, as `dispatch.to_devices` yields them: always
+        `stack` steps' batches (one compiled function), of which the dispatch uses `size`."""
         step = start_step
         for size in sizes:
-            yield size, self.batch(step, size)
+            yield size, self.batch(step, stack, stacked=True)
             step += size
 
 

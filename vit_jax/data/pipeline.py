@@ -204,6 +204,12 @@ class Data:
     # The tf.data pipelines behind the iterators.
 
     def _read(self, split):
+        if self.builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            # TFDS's as_dataset cannot read ArrayRecord: every example by index, in stored order.
+            source = self._open_data_source(split)
+            return tf.data.Dataset.range(len(source[0])).map(
+                _graph_fn(lambda i: _read_by_index(source, i))
+            )
         # No autocache: blocks are read whole each epoch, and a cache abandoned mid-epoch warns.
         read_config = tfds.ReadConfig(skip_prefetch=True, try_autocache=False)
         ds = self.builder.as_dataset(
@@ -229,16 +235,7 @@ class Data:
         """Example `index` of the train split, from memory or from the data source."""
         if self._train_examples is not None:
             return {k: tf.gather(v, index) for k, v in self._train_examples.items()}
-        source, (image_dtype, image_shape) = self._train_source
-
-        def read(i):
-            example = source[int(i)]
-            return np.asarray(example["image"]), np.int64(example["label"])
-
-        image, label = tf.numpy_function(read, [index], [image_dtype, tf.int64], stateful=False)
-        image.set_shape(image_shape)
-        label.set_shape(())
-        return {"image": image, "label": label}
+        return _read_by_index(self._train_source, index)
 
     def _make_train_blocks(self) -> list[tuple[tf.data.Dataset, int]]:
         """This process's train share cut into contiguous blocks, read in stored order."""
@@ -363,6 +360,20 @@ class Data:
         if self.num_eval_batches * self.local_eval_batch_size * example_bytes <= _EVAL_CACHE_BYTES:
             ds = ds.cache()
         return _finish(ds)
+
+
+def _read_by_index(opened_source, index: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Example `index` of a data source opened by `Data._open_data_source` (image, label)."""
+    source, (image_dtype, image_shape) = opened_source
+
+    def read(i):
+        example = source[int(i)]
+        return np.asarray(example["image"]), np.int64(example["label"])
+
+    image, label = tf.numpy_function(read, [index], [image_dtype, tf.int64], stateful=False)
+    image.set_shape(image_shape)
+    label.set_shape(())
+    return {"image": image, "label": label}
 
 
 def _graph_fn(fn):

@@ -6,20 +6,30 @@ process its `tfds.even_splits` share of a split; `decoders` reads only image and
 `vit_jax.data.pipeline` builds the train and eval pipelines on top.
 """
 
+import contextlib
 import dataclasses
 import os
+import socket
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from vit_jax import progress
 from vit_jax.data.builders import image_folder_builder  # Also registers the `digits` builder.
+from vit_jax.data.builders.own_progress import OwnProgress
 
 
 def open_builder(config, prepare: bool = True) -> tfds.core.DatasetBuilder:
     """The prepared TFDS builder for `config.dataset` (a TFDS name or an image folder); one not yet
     prepared is downloaded and prepared, or with `prepare=False` (a dry run) refused."""
     data_dir = config.data_dir
+    if data_dir is not None and tf.io.gfile.exists(data_dir) and not tf.io.gfile.isdir(data_dir):
+        raise NotADirectoryError(
+            f"config.data_dir={data_dir!r} is a file, not a folder: point it at a TFDS data dir "
+            "(a folder; datasets are prepared into it on first use), or set it to None for TFDS's "
+            "default ($TFDS_DATA_DIR or ~/tensorflow_datasets)."
+        )
     if data_dir is not None and not tf.io.gfile.isdir(data_dir):
         raise FileNotFoundError(
             f"config.data_dir={data_dir!r} does not exist. Create it (datasets are prepared into "
@@ -47,14 +57,25 @@ def open_builder(config, prepare: bool = True) -> tfds.core.DatasetBuilder:
             f"--data_dir=DIR` and set config.data_dir=DIR)"
         )
     if not builder.is_prepared():
+        ours = isinstance(builder, OwnProgress)  # offline, with bars of their own (digits)
+        if not ours:
+            _check_network(name, builder.data_dir)
+        root = data_dir or os.path.expanduser(
+            os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+        )
+        before = _directories(root)
         try:
             # TFDS's bars (downloads, examples, shuffling) only where ours would show.
             with progress.tfds_bars(progress.shows()):
+                if not ours:
+                    _quiet_stdout_lines(builder)
+                    progress.log(f"Preparing TFDS dataset {name!r} into {builder.data_dir}")
                 builder.download_and_prepare()
         except Exception as e:  # Re-raised with what to do about it...
             builder = tfds.builder(name, data_dir=data_dir)
             if builder.is_prepared():  # ...unless another process prepared it meanwhile.
                 return builder
+            _remove_new_empty_directories(root, before)
             raise RuntimeError(
                 f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and preparing it "
                 f"failed ({type(e).__name__}: {e}). Prepare it where there is network access with "
@@ -63,6 +84,61 @@ def open_builder(config, prepare: bool = True) -> tfds.core.DatasetBuilder:
                 "config.data_dir=DIR."
             ) from e
     return builder
+
+
+# Hosts a TFDS download needs one of (its GCS mirror; datasets' own hosts are often GitHub or
+# TensorFlow's): none reachable means no network, said in seconds instead of minutes of retries.
+NETWORK_PROBES = (("storage.googleapis.com", 443), ("github.com", 443), ("www.tensorflow.org", 443))
+_PROBE_TIMEOUT_S = 3.0
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
+
+
+def _check_network(name: str, where: str) -> None:
+    """ConnectionError (one line) unless some download host answers; a proxy is left to TFDS."""
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return
+    errors = []
+    probes = NETWORK_PROBES
+    if os.environ.get("VIT_JAX_NETWORK_PROBES"):  # "host:port,..." (the tests: a closed local port)
+        probes = [
+            (host, int(port))
+            for host, _, port in (
+                p.rpartition(":") for p in os.environ["VIT_JAX_NETWORK_PROBES"].split(",")
+            )
+        ]
+    for host, port in probes:
+        try:
+            socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S).close()
+            return
+        except OSError as e:
+            errors.append(f"{host}: {e.strerror or e}")
+    raise ConnectionError(
+        f"TFDS dataset {name!r} is not prepared in {where} and there is no network to download it "
+        f"({'; '.join(errors)}). Prepare it where there is network with `tfds build {name} "
+        "--data_dir=DIR`, copy DIR here and set config.data_dir=DIR"
+    )
+
+
+def _directories(root: str | None) -> set[str]:
+    if root is None or not os.path.isdir(root):
+        return set()
+    return {dirpath for dirpath, _, _ in os.walk(root)}
+
+
+def _remove_new_empty_directories(root: str | None, before: set[str]) -> None:
+    """What a failed TFDS download leaves (empty `.tmp` / `.incomplete` folders), removed; a
+    folder that was there before, or holds a file, stays."""
+    for path in sorted(_directories(root) - before, key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # only succeeds on an empty folder
+
+
+def _quiet_stdout_lines(builder) -> None:
+    """TFDS prints "Downloading and preparing dataset ..." and "Dataset ... downloaded and
+    prepared" on stdout, outside logging; they become log records (shown with --verbose), as our
+    own builders do (`builders.own_progress`); the run says what it prepares in its own line."""
+    builder._log_download_bytes = lambda: logging.info("Preparing %s.", builder.name)
+    builder._log_download_done = lambda: logging.info("Prepared %s.", builder.name)
 
 
 def dataset_kind(name: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,16 +126,37 @@ class Preprocessing:
 
 # --- Image files → pixels ---------------------------------------------------------------------
 
-_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+# 16-bit grayscale (PIL's modes of a 16-bit PNG): PIL's convert("L") clips these to 255, where
+# training's decoder (tf.io.decode_image) scales them, keeping the high byte (v >> 8), as PIL itself
+# does for 16-bit RGB. read_image scales them the same way, so that predictions match training.
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L")
 
 
 def read_image(path: str | pathlib.Path) -> np.ndarray:
-    """The pixels of an image file as uint8 (H, W, 1) for grayscale files, else (H, W, 3) RGB."""
+    """The pixels of an image file as uint8 (H, W, 1) for grayscale files, else (H, W, 3) RGB,
+    decoded as the input pipeline decodes them (16-bit images keep their high byte)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist (or is not a file)")
     try:
-        with Image.open(path) as image:
+        # PIL warns of a "decompression bomb" above Image.MAX_IMAGE_PIXELS: the file was asked
+        # for by name, so it is read (and resized); twice that is refused below, naming the file.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"{str(path)!r} is too large to read: {e} Resize it first (or raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS in Python)"
+        ) from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{str(path)!r} is not an image file that PIL can read ({e})") from e
+    try:
+        with image:
+            if image.mode in _SIXTEEN_BIT_MODES:
+                wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+                return (wide >> 8).astype(np.uint8)[..., None]
             image = image.convert("L" if image.mode in _GRAYSCALE_MODES else "RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{str(path)!r} is not an image file that PIL can read ({e})") from e

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Any
 
@@ -98,8 +99,8 @@ def _is_orbax(path: str) -> bool:
 
 
 def _orbax(path: str) -> tuple[ViTConfig, dict, Preprocessing | None]:
-    config, params = checkpoints.read_model(path)
-    recorded = checkpoints.read_preprocessing(path)
+    # The newest intact step: a damaged newer one is named in a warning and skipped.
+    config, params, recorded, _ = checkpoints.read_trained(path)
     return config, params, Preprocessing.from_dict(recorded) if recorded else None
 
 
@@ -115,7 +116,15 @@ def _translated(path: str, hints: dict[str, Any]):
     if described:  # ours: the exact config and convention, nothing to infer or guess
         config = ViTConfig.from_dict(described["config"])
         pre = Preprocessing.from_dict(described["preprocessing"])
-        params = layout.drop_fixed_posemb(params, config)
+        posemb = params.get("Transformer", {}).get("posembed_input", {}).get("pos_embedding")
+        if config.posemb == "sincos2d" and hints.get("posemb") == "learn" and posemb is not None:
+            # Asked for: the exported fixed table is kept, as a learned (trainable) one.
+            rows = np.shape(posemb)[1]
+            config = config.replace(
+                posemb="learn", posemb_covers_prefix=rows > math.prod(config.grid_size)
+            )
+        else:
+            params = layout.drop_fixed_posemb(params, config)
         return (
             config.replace(scan=False),
             params,

@@ -24,6 +24,9 @@ google-research/vision_transformer README recommends ("Available ViT models"); b
 ViT-S/16 ImageNet-1k baselines ("Better plain ViT baselines", arXiv 2205.01580) and the original
 paper's ImageNet-21k checkpoints (`imagenet21k/ViT-*.npz`) are from the same buckets.
 
+The hybrids (R50+ViT-B/16 of the paper, AugReg's R+ViT-Ti/16, R26+ViT-S/32, R50+ViT-L/32) are the
+files timm's `vision_transformer_hybrid.py` configs load, with timm's top-1 for them.
+
 `top1` is the ImageNet-1k validation top-1 (%) stated for that exact file, and `top1_source` says
 by whom: the vision_transformer README for the files it recommends, big_vision for its baselines,
 and for the fine-tuned files timm converted (`augreg-i21k-ft-i1k*`) timm's own evaluation of those
@@ -129,7 +132,62 @@ _BASELINE_TOP1 = {  # (top-1, who states it)
     300: (80.0, "arXiv 2205.01580 abstract: '300 epochs of training reach 80%'"),
 }
 
+_TIMM_HYBRID_RESULTS = (
+    "timm's evaluation of these weights: huggingface/pytorch-image-models "
+    "results/results-imagenet.csv (commit 0173a13), model {}"
+)
+
+
+def _hybrid(model: str, stem: str, run: str, lr: str, res: int, timm: str, top1: float):
+    """An AugReg hybrid fine-tune (the file timm's `<timm>.augreg_in21k_ft_in1k` loads)."""
+    suffix = "" if res == 224 else f"-{res}"
+    return Pretrained(
+        model, f"augreg-i21k-ft-i1k{suffix}",
+        f"vit_models/augreg/{stem}-i21k-300ep-lr_0.001-{run}--{_AUGREG_FT}-lr_{lr}-res_{res}.npz",
+        "ImageNet-21k, fine-tuned on ImageNet-1k", 1000, res, _AUGREG,
+        top1=top1, top1_source=_TIMM_HYBRID_RESULTS.format(f"{timm}.augreg_in21k_ft_in1k"),
+    )  # fmt: skip
+
+
+def _hybrid_i21k(model: str, stem: str, run: str) -> Pretrained:
+    return Pretrained(
+        model, "augreg-i21k", f"vit_models/augreg/{stem}-i21k-300ep-lr_0.001-{run}.npz",
+        "ImageNet-21k", 21843, 224, _AUGREG,
+    )  # fmt: skip
+
+
+# The paper's and AugReg's hybrids (ResNet stem + ViT; file names as timm's hybrid configs load them).
+_HYBRIDS = [
+    _hybrid("R+ViT-Ti/16", "R_Ti_16", "aug_none-wd_0.03-do_0.0-sd_0.0", "0.03", 224,
+            "vit_tiny_r_s16_p8_224", 71.798),
+    _hybrid("R+ViT-Ti/16", "R_Ti_16", "aug_none-wd_0.03-do_0.0-sd_0.0", "0.03", 384,
+            "vit_tiny_r_s16_p8_384", 75.962),
+    _hybrid("R26+ViT-S/32", "R26_S_32", "aug_light0-wd_0.03-do_0.1-sd_0.1", "0.03", 224,
+            "vit_small_r26_s32_224", 81.864),
+    _hybrid("R26+ViT-S/32", "R26_S_32", "aug_medium2-wd_0.03-do_0.0-sd_0.0", "0.03", 384,
+            "vit_small_r26_s32_384", 84.048),
+    _hybrid("R50+ViT-L/32", "R50_L_32", "aug_medium1-wd_0.1-do_0.1-sd_0.1", "0.01", 224,
+            "vit_large_r50_s32_224", 84.422),
+    _hybrid("R50+ViT-L/32", "R50_L_32", "aug_medium2-wd_0.1-do_0.0-sd_0.0", "0.01", 384,
+            "vit_large_r50_s32_384", 86.182),
+    _hybrid_i21k("R+ViT-Ti/16", "R_Ti_16", "aug_none-wd_0.03-do_0.0-sd_0.0"),
+    _hybrid_i21k("R26+ViT-S/32", "R26_S_32", "aug_medium2-wd_0.03-do_0.0-sd_0.0"),
+    _hybrid_i21k("R50+ViT-L/32", "R50_L_32", "aug_medium2-wd_0.1-do_0.0-sd_0.0"),
+    Pretrained(
+        "R50+ViT-B/16", "i21k", "vit_models/imagenet21k/R50+ViT-B_16.npz", "ImageNet-21k",
+        21843, 224, _PAPER,
+    ),
+    Pretrained(
+        "R50+ViT-B/16", "i21k-ft-i1k-384", "vit_models/imagenet21k+imagenet2012/R50+ViT-B_16.npz",
+        "ImageNet-21k, fine-tuned on ImageNet-1k at 384", 1000, 384, _PAPER,
+        top1=84.976,
+        top1_source=_TIMM_HYBRID_RESULTS.format("vit_base_r50_s16_384.orig_in21k_ft_in1k")
+        + " (timm's port of this file)",
+    ),
+]  # fmt: skip
+
 TABLE: list[Pretrained] = [
+    *_HYBRIDS,
     # top1: timm's results-imagenet.csv "top1" column for the timm model that loads each file.
     _augreg("Ti/16", "aug_none-wd_0.03-do_0.0-sd_0.0", "0.03", 75.454),
     _augreg("S/32", "aug_light1-wd_0.03-do_0.0-sd_0.0", "0.03", 75.994),

@@ -93,7 +93,30 @@ def check_destination(path: str, format: str, overwrite: bool = False) -> None:
             )
     elif isdir(path):
         raise ValueError(f"{path} is a folder; format {format!r} writes {_suffixes(writer)} there")
+    if g is None:
+        folder = path if path not in outputs else os.path.dirname(os.path.abspath(path))
+        _check_local_place(path, folder)
     check_outputs(outputs, overwrite, exists, isdir)
+
+
+def _check_local_place(destination: str, folder: str) -> None:
+    """ValueError naming `destination` unless files can be written in `folder` (made if missing):
+    its nearest existing ancestor must be a folder (not a file) that takes new files."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"{destination}: {existing} is a file, so nothing can be written under it; choose a "
+            f"destination in a folder"
+        )
+    try:
+        integrity.check_writable(existing)
+    except OSError as e:
+        cause = os.strerror(e.errno).lower() if e.errno else str(e)  # e.g. permission denied
+        raise ValueError(
+            f"{destination}: cannot write in {existing} ({cause}); choose a writable destination"
+        ) from None
 
 
 def check_outputs(outputs, overwrite: bool, exists=os.path.lexists, isdir=os.path.isdir) -> None:

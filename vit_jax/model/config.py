@@ -45,6 +45,18 @@ WIDTHS: dict[str, dict[str, int]] = {
     "G": dict(hidden_size=1664, mlp_dim=8192, num_heads=16, num_layers=48),
 }
 PATCH_SIZES = (8, 14, 16, 32)
+GROUP_NORM_GROUPS = 32  # of the hybrids' ResNet stem (model/resnet.py)
+# The paper's and AugReg's hybrids by their published names: the ViT's width, the ResNet stages, and
+# the patch size on the stem's feature map (the name's /N is the total stride, stem × patch).
+HYBRIDS: dict[str, dict[str, Any]] = {
+    "R+ViT-Ti/16": dict(WIDTHS["Ti"], resnet_stages=(), patch_size=(8, 8)),
+    "R26+ViT-S/32": dict(WIDTHS["S"], resnet_stages=(2, 2, 2, 2), patch_size=(1, 1)),
+    "R26+ViT-B/32": dict(WIDTHS["B"], resnet_stages=(2, 2, 2, 2), patch_size=(1, 1)),
+    "R50+ViT-B/16": dict(WIDTHS["B"], resnet_stages=(3, 4, 9), patch_size=(1, 1)),
+    "R50+ViT-L/32": dict(WIDTHS["L"], resnet_stages=(3, 4, 6, 3), patch_size=(1, 1)),
+}
+# 'R50+ViT-B/16', 'R50+B/16', 'R50+ViT-B_16' and AugReg's file stems 'R_Ti_16', 'R26_S_32', 'R50_L_32'.
+_HYBRID_RE = re.compile(r"^R(?P<depth>\d*)(?:\+ViT-|\+|_)(?P<width>[A-Za-z]+)[/_](?P<patch>\d+)$")
 _VARIANT_RE = re.compile(r"^(?:ViT-)?(?P<width>[A-Za-z0-9]+)[/_](?P<patch>\d+)$")
 
 
@@ -72,8 +84,14 @@ class ViTConfig:
 
     # Patches.
     image_size: tuple[int, int] = (224, 224)
-    patch_size: tuple[int, int] = (16, 16)
+    patch_size: tuple[int, int] = (16, 16)  # of the stem's feature map in a hybrid
     num_channels: int = 3
+    # Hybrid (paper §3.1, `model/resnet.py`): a ResNet stem before the patch embedding. None: none;
+    # (): its root alone (stride 4); (3, 4, 9): R50's stages (each after the first halves the map).
+    resnet_stages: tuple[int, ...] | None = None
+    resnet_width: int = 64  # root width; stage i has 4·width·2^i output channels
+    resnet_ws_epsilon: float = 1e-5  # weight standardization: (w - mean) / (std + eps)
+    resnet_norm_epsilon: float = 1e-6  # GroupNorm (flax's default, as published; timm: 1e-5)
     # Encoder.
     hidden_size: int = 768
     mlp_dim: int = 3072
@@ -112,22 +130,33 @@ class ViTConfig:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 frozen
         set_("image_size", _pair(self.image_size, "image_size"))
         set_("patch_size", _pair(self.patch_size, "patch_size"))
+        _check_stem(self)
+        if self.resnet_stages is not None:
+            set_("resnet_stages", tuple(self.resnet_stages))
         _check_choice("pool", self.pool, POOLINGS)
         _check_choice("posemb", self.posemb, POSEMBS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _check_choice("remat_policy", self.remat_policy, tuple(REMAT_POLICIES))
+        stride = self.stem_stride
         for side, image, patch in zip(("height", "width"), self.image_size, self.patch_size):
-            if image % patch:
+            if image % (patch * stride):
+                stem = f" × the ResNet stem's stride {stride}" if stride > 1 else ""
+                sizes = range(1, min(image // stride, 64) + 1)
+                fitting = [p for p in sizes if image % (p * stride) == 0]
                 raise ValueError(
-                    f"image_size={self.image_size} is not divisible by patch_size={self.patch_size} "
-                    f"(image {side} {image} % patch {patch} = {image % patch}); allowed: image sizes "
-                    f"that are multiples of the patch size"
+                    f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+                    f"{stem} (image {side} {image} % {patch * stride} = {image % (patch * stride)}); "
+                    f"allowed: a patch size that divides the image ({', '.join(map(str, fitting))} "
+                    f"for {side} {image}), or image sizes that are multiples of {patch * stride}"
                 )
         for name in ("hidden_size", "mlp_dim", "num_heads", "num_layers", "num_channels"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive int")
+        classes = self.num_classes
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+            raise ValueError(f"num_classes={classes!r}: expected an int >= 0 (0: no head)")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
@@ -159,8 +188,34 @@ class ViTConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a rate in [0, 1)")
 
     @property
+    def is_hybrid(self) -> bool:
+        return self.resnet_stages is not None
+
+    @property
+    def stem_stride(self) -> int:
+        """Pixels per feature-map cell before the patch embedding: 1, or the ResNet's 4·2^(n−1)."""
+        if not self.is_hybrid:
+            return 1
+        return 4 * 2 ** max(len(self.resnet_stages) - 1, 0)
+
+    @property
+    def stem_channels(self) -> int:
+        """Channels the patch embedding sees: the image's, or the ResNet stem's output."""
+        if not self.is_hybrid:
+            return self.num_channels
+        if not self.resnet_stages:
+            return self.resnet_width
+        return 4 * self.resnet_width * 2 ** (len(self.resnet_stages) - 1)
+
+    @property
+    def pixels_per_token(self) -> tuple[int, int]:
+        """The image pixels one token covers: the patch size × the stem's stride."""
+        return (self.patch_size[0] * self.stem_stride, self.patch_size[1] * self.stem_stride)
+
+    @property
     def grid_size(self) -> tuple[int, int]:
-        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        ph, pw = self.pixels_per_token
+        return (self.image_size[0] // ph, self.image_size[1] // pw)
 
     @property
     def has_class_token(self) -> bool:
@@ -197,12 +252,38 @@ class ViTConfig:
         return cls.from_dict(json.loads(text))
 
 
+def _check_stem(cfg: ViTConfig) -> None:
+    stages = cfg.resnet_stages
+    if stages is None:
+        return
+    if isinstance(stages, (str, bytes)) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in tuple(stages)
+    ):
+        raise ValueError(
+            f"resnet_stages={stages!r}: expected a tuple of positive unit counts per stage, e.g. "
+            f"(3, 4, 9) for R50, () for the root alone, or None for no ResNet stem"
+        )
+    width = cfg.resnet_width
+    if not isinstance(width, int) or width <= 0 or width % GROUP_NORM_GROUPS:
+        raise ValueError(
+            f"resnet_width={width!r}: expected a positive multiple of {GROUP_NORM_GROUPS} (the "
+            f"GroupNorm groups), e.g. 64"
+        )
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ViTConfig)]
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
-    """'ViT-B/16', 'B/16' or 'ViT-B_16' → the width/depth/heads/patch fields of that variant."""
+    """'ViT-B/16', 'B/16' or 'ViT-B_16' → the width/depth/heads/patch fields of that variant; a
+    hybrid's published name ('R50+ViT-B/16', or AugReg's 'R50_L_32') adds its ResNet stages."""
+    hybrid = _HYBRID_RE.match(variant.strip()) if isinstance(variant, str) else None
+    if hybrid:
+        name = f"R{hybrid['depth']}+ViT-{hybrid['width']}/{hybrid['patch']}"
+        if name not in HYBRIDS:
+            raise ValueError(f"unknown hybrid variant {variant!r}; allowed: {list(HYBRIDS)}")
+        return dict(HYBRIDS[name])
     match = _VARIANT_RE.match(variant.strip()) if isinstance(variant, str) else None
     if not match or match["width"] not in WIDTHS:
         raise ValueError(

@@ -6,6 +6,8 @@
   * the head is re-initialized (zeros kernel, `dst.head_bias_init` bias) when the number of
     classes differs, and dropped when `dst.num_classes == 0`; a pre-logits layer is dropped when
     `dst` has none (the published "drop-head" fine-tuning recipe), and then the head is new too;
+  * another patch size: the patch-embedding kernel is resampled by FlexiViT's PI-resize (`flexi.py`),
+    for plain ViTs only (a hybrid's patches are cut from its ResNet feature map, not from pixels);
   * the layer stack is converted between the loop and scan layouts when `dst.scan` differs;
   * leaves are cast to `dst.param_dtype`.
 Every other difference between the tree and what `dst` expects raises one `ValueError` naming the
@@ -40,6 +42,9 @@ def unflatten(flat: dict[str, Any]) -> dict:
 # Parameters in the order the forward pass meets them, so "the first key that does not fit" is the
 # earliest one in the network (a wrong patch size shows up at `embedding/kernel`, not at `head`).
 _TOP_ORDER = (
+    "conv_root",  # a hybrid's ResNet stem (model/resnet.py) comes first
+    "gn_root",
+    *(f"block{i}" for i in range(1, 9)),
     "embedding",
     "cls",
     "dist",
@@ -180,8 +185,16 @@ def adapt_params(params: Any, src: ViTConfig, dst: ViTConfig, rng: Any = None) -
 
     # Another patch size: the kernel by FlexiViT's PI-resize (the posemb grid follows below). A
     # plain ViT takes any patch that divides the image (ViTConfig refuses the rest, naming both
-    # sizes). HOOK for stems (hybrids): refuse a patch change the stem cannot take here, by name.
+    # sizes). A hybrid's patches are cells of the ResNet's feature map: PI-resize keeps a linear
+    # map of *pixels* under resampling, which says nothing about feature-map cells.
     kernel = flat.get(PATCH_KERNEL_KEY)
+    if src.patch_size != dst.patch_size and src.is_hybrid and dst.is_hybrid:
+        raise ValueError(
+            f"patch_size {src.patch_size} → {dst.patch_size} on a hybrid: its patches are cut from "
+            f"the ResNet stem's feature map (stride {src.stem_stride}), which PI-resize does not "
+            f"apply to; allowed: the checkpoint's patch_size {src.patch_size} (change image_size "
+            f"instead: the position embeddings are resampled)"
+        )
     if (
         src.patch_size != dst.patch_size
         and kernel is not None

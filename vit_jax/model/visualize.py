@@ -163,7 +163,8 @@ def attention_maps(model: VisionTransformer, params, images) -> AttentionMaps:
     """Runs `model` on `images` (B, H, W, C) in [-1, 1] and returns its attention in every form."""
     cfg = model.config
     images = np.asarray(images, np.float32)
-    grid = (images.shape[1] // cfg.patch_size[0], images.shape[2] // cfg.patch_size[1])
+    ph, pw = cfg.pixels_per_token  # a hybrid's tokens are cells of its ResNet's feature map
+    grid = (images.shape[1] // ph, images.shape[2] // pw)
     logits, attention = attention_weights(model, params, images)
     rollout = attention_rollout(attention)
     n_prefix = cfg.num_prefix_tokens

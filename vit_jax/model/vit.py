@@ -1,6 +1,7 @@
 """The Vision Transformer (Dosovitskiy et al., 2020) as Flax linen modules.
 
-`VisionTransformer.__call__` reads as the paper's recipe, in order:
+`VisionTransformer.__call__` reads as the paper's recipe, in order (a hybrid first runs a ResNet
+stem, `model/resnet.py`, and cuts the patches from its feature map):
   1. split the image into P×P patches, flatten each and embed it linearly (`PatchEmbedding`);
   2. prepend the class token (and register tokens), add position embeddings (`AddPositionEmbs`);
   3. a stack of pre-LayerNorm Transformer blocks and a final LayerNorm (`Encoder`);
@@ -23,6 +24,7 @@ import numpy as np
 
 from vit_jax.model.config import REMAT_POLICIES, ViTConfig, get_config
 from vit_jax.model.layers import EncoderBlock, MAPHead, drop_path_rates, layer_norm
+from vit_jax.model.resnet import resnet_stem
 
 Array = jax.Array
 
@@ -73,7 +75,7 @@ class PatchEmbedding(nn.Module):
         kernel = self.param(
             "kernel",
             nn.initializers.lecun_normal(),
-            (ph, pw, cfg.num_channels, cfg.hidden_size),
+            (ph, pw, cfg.stem_channels, cfg.hidden_size),
             pdtype,
         )
         bias = self.param("bias", nn.initializers.zeros, (cfg.hidden_size,), pdtype)
@@ -199,13 +201,19 @@ class VisionTransformer(nn.Module):
                 f"images of shape {images.shape}: expected (batch, height, width, "
                 f"{cfg.num_channels})"
             )
-        ph, pw = cfg.patch_size
+        ph, pw = cfg.pixels_per_token
         if images.shape[1] % ph or images.shape[2] % pw:
+            stem = f" × the ResNet stem's stride {cfg.stem_stride}" if cfg.is_hybrid else ""
             raise ValueError(
                 f"image size {images.shape[1:3]} is not divisible by patch_size {cfg.patch_size}"
+                f"{stem}; allowed: multiples of {(ph, pw)}"
             )
         grid = (images.shape[1] // ph, images.shape[2] // pw)
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+        # 0. Hybrids (paper §3.1): a ResNet stem first; the patches are cut from its feature map.
+        if cfg.is_hybrid:
+            images = resnet_stem(images, cfg)
 
         # 1. Patches, flattened and embedded linearly.
         x = PatchEmbedding(cfg, name="embedding")(images)

@@ -241,6 +241,12 @@ _COMPILER_OPTIONS = flags.DEFINE_multi_string(
     "NAME=VALUE: an XLA option for our side's compilation only, e.g. "
     "xla_gpu_enable_triton_gemm=false (repeatable; checked before any model is built).",
 )
+# A command-line mistake (exit 2, as `--set` without '=' is for predict and convert).
+flags.register_validator(
+    "compiler_option",
+    lambda items: all(item.partition("=")[0].strip() and "=" in item for item in items),
+    message="each --compiler_option must be NAME=VALUE, e.g. xla_gpu_enable_triton_gemm=false",
+)
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices",
     0,
@@ -252,6 +258,12 @@ _JSON = flags.DEFINE_string(
     None,
     "Also write the JSON report to this file (a missing folder is created; the path is checked "
     "before anything runs).",
+)
+_RUNTIME = flags.DEFINE_list(
+    "runtime",
+    [],
+    "onnx,tflite,savedmodel,stablehlo: inference of the exported file in its runtime "
+    "beside JAX, and the file size (vit_jax.tools.bench.runtimes).",
 )
 _TRAINER = flags.DEFINE_bool(
     "trainer",
@@ -345,6 +357,17 @@ def _run_trainer() -> int:
     return 0
 
 
+def _run_runtimes() -> int:
+    from vit_jax.tools.bench import runtimes
+
+    runtimes.check(_RUNTIME.value)
+    config = get_config(_VARIANT.value, image_size=_IMAGE.value, num_classes=_NUM_CLASSES.value)
+    rows = runtimes.measure(config, _BATCH.value, _RUNTIME.value, _STEPS.value, _REPEATS.value)
+    print(runtimes.format_rows(rows, _VARIANT.value), file=sys.stderr)
+    _emit({"variant": _VARIANT.value, "runtimes": rows})
+    return 0
+
+
 def _emit(report: dict[str, Any]) -> None:
     text = json.dumps(report, indent=2)
     if _JSON.value:
@@ -356,6 +379,8 @@ def _run() -> int:
     check_json_out(_JSON.value)  # before anything runs: a bad path costs no run
     if _TRAINER.value:
         return _run_trainer()
+    if _RUNTIME.value:
+        return _run_runtimes()
     _check_flags()
     _announce_skipped_comparisons()
     cpu_devices.use(cpu_devices.count(_CPU_DEVICES.value, [_BATCH.value], cpu_devices.cores()))

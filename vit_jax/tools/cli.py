@@ -21,7 +21,9 @@ import ast
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable
@@ -60,10 +62,32 @@ def fatal_line(error: BaseException) -> str:
     return line
 
 
+class RecordedInterrupt:
+    """The SIGINT handler while a command runs (until the training loop installs its own): raises
+    KeyboardInterrupt as Python's default does, and remembers it. Python drops an exception raised
+    inside a gc callback (JAX's `_xla_gc_callback`: "Exception ignored in ...") and a library may
+    swallow one, so a Ctrl-C during dataset preparation could be lost and the run train to the end;
+    remembered, it still ends the command with 130 (`StopSignals` checks `pending` on entry)."""
+
+    def __init__(self):
+        self.pending = False
+
+    def __call__(self, signum, frame):
+        del signum, frame
+        self.pending = True
+        raise KeyboardInterrupt
+
+
 def run_guarded(main: Callable[[], int | None], verbose: bool | Callable[[], bool] = False) -> int:
     """Runs `main()`; returns its exit status, or 1 / 130 with one FATAL line for an exception."""
+    recorder, previous = RecordedInterrupt(), None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, recorder)
     try:
-        return int(main() or 0)
+        status = int(main() or 0)
+        if recorder.pending:  # a Ctrl-C that something swallowed: still an interrupted command
+            raise KeyboardInterrupt
+        return status
     except SystemExit:
         raise
     except KeyboardInterrupt as e:
@@ -75,11 +99,17 @@ def run_guarded(main: Callable[[], int | None], verbose: bool | Callable[[], boo
             os._exit(EXIT_SIGINT)
         return EXIT_SIGINT
     except Exception as e:  # noqa: BLE001  (every error ends in one line; --verbose shows more)
+        if recorder.pending:  # Ctrl-C surfacing as another error (a library wrapped it)
+            print(f"FATAL interrupted (Ctrl-C); {fatal_line(e)[6:]}", file=sys.stderr, flush=True)
+            return EXIT_SIGINT
         if verbose() if callable(verbose) else verbose:
             traceback.print_exc()
         sys.stdout.flush()
         print(fatal_line(e), file=sys.stderr, flush=True)
         return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +135,21 @@ class _LibraryFilter(logging.Filter):
 
 
 _FILTER = _LibraryFilter()
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+class _OwnRecordsPlain(logging.Formatter):
+    """Our own records as `WARNING: message` (absl's `W1202 13:34:11.45 139853 file.py:113]`
+    prefix is for the libraries' records, shown with --verbose)."""
+
+    def __init__(self, formatter: logging.Formatter | None):
+        super().__init__("%(levelname)s: %(message)s")
+        self._other = formatter or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if os.path.abspath(record.pathname).startswith(_PACKAGE_DIR):
+            return super().format(record)
+        return self._other.format(record)
 
 
 def plain_warnings() -> None:
@@ -136,7 +181,10 @@ def quiet_logs(verbose: bool, *, tensorflow: bool = True) -> None:
     for logger in (logging.getLogger(), logging.getLogger("absl"), logging.getLogger("jax")):
         for handler in logger.handlers:
             handler.addFilter(_FILTER)
-    absl_logging.get_absl_handler().addFilter(_FILTER)
+    absl_handler = absl_logging.get_absl_handler()
+    absl_handler.addFilter(_FILTER)
+    if not isinstance(absl_handler.formatter, _OwnRecordsPlain):
+        absl_handler.setFormatter(_OwnRecordsPlain(absl_handler.formatter))
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "Unable to init 'tpu'"
     sys.excepthook = _quiet_excepthook
     sys.unraisablehook = _quiet_unraisablehook
@@ -166,6 +214,8 @@ def _quiet_excepthook(exc_type, value, tb):
 def _quiet_unraisablehook(unraisable):
     value = unraisable.exc_value
     if isinstance(value, RuntimeError) and "Event loop is closed" in str(value):
+        return
+    if isinstance(value, KeyboardInterrupt):  # a Ctrl-C in a gc callback: RecordedInterrupt has it
         return
     sys.__unraisablehook__(unraisable)
 

@@ -32,7 +32,7 @@ def forward_flops(model: vit.VisionTransformer, params_shapes) -> float | None:
 def print_dry_run(config: ml_collections.ConfigDict) -> None:
     run = plan.plan_run(config, prepare=False)
     model_config, data, mesh = run.vit_config, run.data, run.mesh
-    grid = [s // p for s, p in zip(model_config.image_size, model_config.patch_size)]
+    grid = list(model_config.grid_size)
     tokens = math.prod(grid) + model_config.num_prefix_tokens
     flops = forward_flops(run.model, run.shapes["params"])
     print(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -3,7 +3,9 @@
     python -m vit_jax.tools.predict --checkpoint PATH [--labels imagenet|FILE] [--top_k 5] IMAGE...
         [--variant V] [--set FIELD=VALUE ...]   # what the weights do not say, as for vit_jax.tools.convert
 
-PATH is anything `vit_jax.load_pretrained` reads: a published vit_jax or big_vision `.npz`, a timm
+PATH is an exported model (`model.onnx`, `model.tflite`, a SavedModel folder, `model.stablehlo`:
+run in its own runtime, which must be installed: onnxruntime, ai-edge-litert, tensorflow, jax), or
+anything `vit_jax.load_pretrained` reads: a published vit_jax or big_vision `.npz`, a timm
 `.safetensors`, a Hugging Face folder, or one of this project's Orbax checkpoints (a run's
 `checkpoints/` folder, e.g. `workdirs/digits/checkpoints`, or one step in it). Each image is read with
 PIL (grayscale ↔ RGB as the checkpoint needs), resized whole to the checkpoint's own resolution
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.interop.input_convention import DEFAULT, Preprocessing, read_image
+from vit_jax.interop.input_convention import DEFAULT, Preprocessing, match_channels, read_image
 from vit_jax.model.vit import VisionTransformer
 from vit_jax.tools import cli
 
@@ -168,6 +170,40 @@ def predict(
     return np.take_along_axis(probs, order, axis=-1), order
 
 
+def predict_deployed(
+    runner, pixels: Sequence[np.ndarray], paths: Sequence[str], top_k: int = 5, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, class indices) of an exported file (`vit_jax.interop.deploy.load`) for uint8
+    pixels: normalized here as the file's input convention says, or fed as pixels to a file that
+    has the preprocessing inside (`--with_preprocessing`)."""
+    meta = runner.meta
+    shape, channels = meta["input"]["shape"], meta["input"]["channels"]
+    if meta["input"]["with_preprocessing"]:
+        images = [match_channels(np.asarray(p, np.uint8), channels) for p in pixels]
+        size = tuple(shape[1:3])
+        for path, image in zip(paths, images):
+            if -1 not in size and image.shape[:2] != size:
+                raise ValueError(
+                    f"{path} is {image.shape[0]}x{image.shape[1]}; this file takes "
+                    f"{size[0]}x{size[1]} images (exported with input_size={list(size)})"
+                )
+        same = len({image.shape for image in images}) == 1
+        groups = [np.stack(images)] if same else [image[None] for image in images]
+    else:
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+        size = meta["input"]["image_size"]
+        groups = [np.stack([preprocess(p, size, channels, pre) for p in pixels])]
+    logits = np.concatenate(
+        [runner(g[i : i + batch_size]) for g in groups for i in range(0, len(g), batch_size)]
+    ).astype(np.float64)
+    if logits.ndim != 2 or not meta["config"]["num_classes"]:
+        raise ValueError("the exported model has no classification head: nothing to predict")
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    order = np.argsort(-probs, axis=-1, kind="stable")[:, : min(top_k, probs.shape[-1])]
+    return np.take_along_axis(probs, order, axis=-1), order
+
+
 def format_predictions(
     path: str, probs: np.ndarray, indices: np.ndarray, names: Sequence[str]
 ) -> str:
@@ -188,7 +224,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="a .npz, .safetensors, Hugging Face folder, or Orbax checkpoint (dir or step dir)",
+        help="a .npz, .safetensors, Hugging Face folder, Orbax checkpoint (dir or step dir), or an "
+        "exported .onnx / .tflite / .stablehlo file or SavedModel folder",
     )
     parser.add_argument(
         "--pretrained",
@@ -240,10 +277,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.quiet_logs(args.verbose, tensorflow=False)
 
     def run() -> int:
-        from vit_jax.interop import load  # Orbax, safetensors & co: imported only when it runs.
+        # Orbax, safetensors & co, and the runtimes: imported only when it runs.
+        from vit_jax.interop import deploy, load
 
         # Read every image first: a typo in the last file should not cost a checkpoint load.
         pixels = [read_image(path) for path in args.images]
+        if deploy.detect(args.checkpoint) is not None:  # an exported file: its own runtime
+            runner = deploy.load(args.checkpoint)
+            probs, indices = predict_deployed(
+                runner, pixels, args.images, args.top_k, args.batch_size
+            )
+            labels = runner.meta.get("labels") if args.labels is None else None
+            num_classes = runner.meta["config"]["num_classes"]
+            names = labels or label_names(args.labels, num_classes, args.checkpoint)
+            for path, p, i in zip(args.images, probs, indices):
+                print(format_predictions(path, p, i, names))
+            return 0
         loaded = load.load_checkpoint(
             args.checkpoint, variant=args.variant, pretrained=args.pretrained, **overrides
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import ml_collections
 
@@ -128,3 +129,35 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
         config.batch_size // config.accum_steps, mesh, "micro-batch (batch_size / accum_steps)"
     )
     sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+
+
+def check_workdir_apart_from_data(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a workdir inside (or containing) the image folder trained on, or containing
+    config.data_dir: run files would land in the dataset (the next run then refuses the folder's
+    layout) and `--restart` would move the data away with the old run."""
+
+    def real(path: str) -> str:
+        return os.path.realpath(os.path.expanduser(path))
+
+    def inside(path: str, root: str) -> bool:
+        return os.path.commonpath([path, root]) == root
+
+    if "://" in workdir:
+        return
+    work = real(workdir)
+    dataset = str(config.get("dataset") or "")
+    if dataset and "://" not in dataset and os.path.isdir(os.path.expanduser(dataset)):
+        folder = real(dataset)
+        if inside(work, folder) or inside(folder, work):
+            where = "is" if work == folder else "is inside" if inside(work, folder) else "contains"
+            raise ValueError(
+                f"--workdir={workdir!r} {where} the image folder config.dataset={dataset!r}: run "
+                f"files would be written into the dataset; use a workdir outside {folder}"
+            )
+    data_dir = config.get("data_dir")
+    if data_dir and "://" not in str(data_dir) and inside(real(str(data_dir)), work):
+        raise ValueError(
+            f"--workdir={workdir!r} contains config.data_dir={data_dir!r}: run files would mix "
+            f"with the prepared datasets (and --restart would move them aside with the run); use "
+            f"a workdir outside {real(str(data_dir))}"
+        )

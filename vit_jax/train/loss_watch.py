@@ -19,22 +19,23 @@ class LossWatch:
     """
 
     def __init__(self, checkpoint_dir: epath.Path, latest_saved: int | None):
-        self._pending: list[tuple[int, jax.Array]] = []
+        self._pending: list[tuple[int, jax.Array, int | None]] = []
         self._since_last_log: list[float] = []
         self.history: dict[int, float] = {}
         self.checkpoint_dir = checkpoint_dir
         self.latest_saved = latest_saved
 
-    def add(self, step: int, loss: jax.Array) -> None:
-        """The loss of `step`, or the (K,) losses of steps `step`..`step`+K-1 (one dispatch)."""
-        self._pending.append((step, loss))
+    def add(self, step: int, loss: jax.Array, count: int | None = None) -> None:
+        """The loss of `step`, or the (K,) losses of steps `step`..`step`+K-1 (one dispatch), of
+        which only the first `count` are steps that ran (None: all)."""
+        self._pending.append((step, loss, count))
 
     def check(self) -> None:
         """Fetches the pending losses; raises at the first non-finite one."""
-        fetched = jax.device_get([v for _, v in self._pending])
+        fetched = jax.device_get([v for _, v, _ in self._pending])
         steps, values = [], []
-        for (first, _), value in zip(self._pending, fetched):
-            value = np.atleast_1d(np.asarray(value, np.float64))
+        for (first, _, count), value in zip(self._pending, fetched):
+            value = np.atleast_1d(np.asarray(value, np.float64))[:count]
             steps.extend(range(first, first + value.size))
             values.extend(float(v) for v in value)
         self._pending = []

@@ -40,6 +40,8 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
             return self
+        if getattr(signal.getsignal(signal.SIGINT), "pending", False):
+            raise KeyboardInterrupt  # a Ctrl-C before the loop that was lost on its way (tools.cli)
         wanted = [] if self._multihost else [signal.SIGTERM, signal.SIGINT]
         for signum in wanted:
             self._previous[signum] = signal.signal(signum, self._handle)

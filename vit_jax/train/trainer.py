@@ -34,7 +34,7 @@ from absl import logging
 from vit_jax import checkpoints, distributed, progress
 from vit_jax.interop import input_convention
 from vit_jax.model import vit
-from vit_jax.train import dispatch, evaluation, loss_watch, plan, report, stops
+from vit_jax.train import checks, dispatch, evaluation, loss_watch, plan, report, stops
 from vit_jax.train import state as train_state
 from vit_jax.train import step as train_step
 from vit_jax.train.workdir import Workdir
@@ -76,6 +76,7 @@ def train_and_evaluate(
 
     def check_workdir(mesh):  # before the dataset is opened (which may download it)
         progress.log(distributed.describe(mesh))
+        checks.check_workdir_apart_from_data(str(workdir), config)
         owner.check_writable()
         owner.check_not_in_use()
 
@@ -115,11 +116,9 @@ def train_and_evaluate(
     )
 
     step_options = dict(accum_steps=config.accum_steps, seed=config.seed, loss=config.loss)
-    step_fn = train_step.make_train_step(model, tx, mesh, shardings, **step_options)
+    # Every step runs through this one program, whatever the grouping (dispatch.py says why).
+    steps_fn = train_step.make_multi_step(model, tx, mesh, shardings, **step_options)
     steps_per_dispatch = config.get("steps_per_dispatch", 1)
-    multi_step_fn = None
-    if steps_per_dispatch > 1:
-        multi_step_fn = train_step.make_multi_step(model, tx, mesh, shardings, **step_options)
     eval_fn = train_step.make_eval_step(model, mesh, shardings["params"], loss=config.loss)
     writer = report.MetricWriter(workdir)
     meter = report.Progress(total_steps, config.batch_size, start_step)
@@ -160,10 +159,10 @@ def train_and_evaluate(
     boundaries = (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
     sizes = dispatch.plan(start_step, total_steps, steps_per_dispatch, boundaries)
     if device_data is not None:
-        batches = device_data.batches(start_step, sizes)
+        batches = device_data.batches(start_step, sizes, steps_per_dispatch)
     else:
         batches = dispatch.to_devices(
-            dispatch.grouped(data.train_iter(start_step=start_step), sizes),
+            dispatch.grouped(data.train_iter(start_step=start_step), sizes, steps_per_dispatch),
             mesh,
             config.prefetch_to_device,
         )
@@ -175,11 +174,8 @@ def train_and_evaluate(
         ):
             while step < total_steps:
                 size, batch = next(batches)
-                if size == 1:
-                    state, step_metrics = step_fn(state, batch)
-                else:
-                    state, step_metrics = multi_step_fn(state, batch)
-                losses.add(step + 1, step_metrics["loss"])
+                state, step_metrics = steps_fn(state, batch, size)
+                losses.add(step + 1, step_metrics["loss"], size)
                 step += size
                 bar.update(size)
                 ckpt.check_for_errors()  # a failed background save ends the run now
@@ -188,7 +184,7 @@ def train_and_evaluate(
                 ):
                     scalars = {
                         "loss": losses.mean_since_last_log(),
-                        "grad_norm": float(np.asarray(step_metrics["grad_norm"]).reshape(-1)[-1]),
+                        "grad_norm": float(np.asarray(step_metrics["grad_norm"])[size - 1]),
                         "lr": float(run.lr_schedule(step - 1)),
                     }
                     line, throughput = meter.line(step, scalars)

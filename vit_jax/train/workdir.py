@@ -25,26 +25,33 @@ import socket
 import time
 from typing import Any
 
+from absl import logging
+
 from vit_jax import integrity
 
-# Fields that change how a run is watched or laid out, not what it computes.
+# The harmless fields, the one list of them: a resumed run may change each. Each changes how a run
+# is watched, stored or fed, never a bit of what it trains: the params and per-step losses are
+# identical with any value (tests/test_harmless_fields.py and tests/test_stop_signals.py run each
+# changed and compare bit for bit).
 HARMLESS = (
-    "log_every_steps",
+    "log_every_steps",  # intervals: the steps where the loop looks at the state, ...
     "eval_every_steps",
     "checkpoint_every_steps",
-    "keep_checkpoints",
+    "steps_per_dispatch",  # ... and the steps per call: one compiled step body (train/dispatch.py)
+    "keep_checkpoints",  # what is kept / how it is written
     "async_checkpoints",
-    "prefetch_to_device",
-    "data_dir",
-    "eval_batch_size",
-    "eval_split",
-    "mesh.",
-    "cpu_devices",
-    "fsdp_min_size",
-    "accum_steps",
-    "steps_per_dispatch",  # the same steps, K per call: float-level differences, as accum_steps
+    "prefetch_to_device",  # how far ahead batches are copied
+    "data_dir",  # where the same dataset is read from
+    "eval_batch_size",  # evaluation only (its loss sum may round differently; top-k counts not)
+    "eval_split",  # which split evaluation reports on
     "init_from",  # a resumed run starts from its own checkpoint, never from init_from
 )
+# Fields a resumed run may also change although they change the numbers by float rounding: the
+# device count and layout (the order of the gradient sums across devices) and gradient
+# accumulation (the order of the micro-batch sums; with dropout or stochastic depth it also draws
+# other masks). A preempted job may come back on other hardware, so they are accepted, with one
+# WARNING naming each (`rounding_differences`).
+ROUNDING = ("mesh.", "cpu_devices", "fsdp_min_size", "accum_steps")
 LENGTH = ("total_steps", "total_epochs")
 # Keys every config.json a trainer writes has (and an exported model's config.json has not).
 TRAINING_CONFIG_KEYS = frozenset({"dataset", "model", "optim", "batch_size"})
@@ -80,19 +87,33 @@ def resolved_length(config: dict, num_train_examples: int) -> int | None:
     return None
 
 
-def config_differences(old: dict, new: dict) -> list[str]:
-    """'field old → new' for every field that differs and is not harmless (length aside)."""
+def _listed(key: str, fields) -> bool:
+    return key in fields or any(f.endswith(".") and key.startswith(f) for f in fields)
+
+
+def _changed(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     old_flat, new_flat = flatten(old), flatten(new)
-    differ = []
+    changed = []
     for key in sorted(set(old_flat) | set(new_flat)):
-        if key in LENGTH or key in HARMLESS:
-            continue
-        if any(h.endswith(".") and key.startswith(h) for h in HARMLESS):
-            continue
         a, b = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
         if _normalized(a) != _normalized(b):
-            differ.append(f"{key} {a!r} → {b!r}")
-    return differ
+            changed.append((key, a, b))
+    return changed
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'field old → new' for every field that differs and that a resume may not change: neither
+    HARMLESS nor ROUNDING (length aside)."""
+    return [
+        f"{key} {a!r} → {b!r}"
+        for key, a, b in _changed(old, new)
+        if key not in LENGTH and not _listed(key, HARMLESS) and not _listed(key, ROUNDING)
+    ]
+
+
+def rounding_differences(old: dict, new: dict) -> list[str]:
+    """'field old → new' for every ROUNDING field that differs."""
+    return [f"{key} {a!r} → {b!r}" for key, a, b in _changed(old, new) if _listed(key, ROUNDING)]
 
 
 def _normalized(value):
@@ -171,6 +192,12 @@ class Workdir:
                 raise WorkdirConflictError(
                     f"workdir {self.path} holds a run (checkpoint at step {step}) with a different "
                     f"config: {'; '.join(differ)}. Resuming would mix two runs: {ways}"
+                )
+            if rounding := rounding_differences(old, new):
+                logging.warning(
+                    "Resuming with %s: allowed, but from here on the numbers differ from an "
+                    "uninterrupted run by float rounding (device layout or gradient accumulation)",
+                    "; ".join(rounding),
                 )
 
     def _check_config_json_is_a_run(self, saved_path: str) -> None:

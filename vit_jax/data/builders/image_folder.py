@@ -100,8 +100,11 @@ def scan_folder(root: str) -> FolderListing:
 
 def _check_classes(root: str, class_names: tuple[str, ...], files: dict) -> None:
     """At least two classes with images (one class trains to a meaningless 100 %); a class folder
-    without any image is named in a warning (it still takes a label, so the head has its output)."""
-    used = {label for split_files in files.values() for _, label in split_files}
+    without any image is named in a warning (it still takes a label, so the head has its output),
+    and so is a class with images in some splits only (e.g. in the eval split but not in train: a
+    head output that is never trained, scored as if it were)."""
+    in_split = {split: {label for _, label in split_files} for split, split_files in files.items()}
+    used = set().union(*in_split.values())
     empty = [name for label, name in enumerate(class_names) if label not in used]
     if len(used) < 2:
         raise ValueError(
@@ -111,8 +114,22 @@ def _check_classes(root: str, class_names: tuple[str, ...], files: dict) -> None
         )
     if empty:
         logging.warning(
-            "Image folder %r: class folder(s) %s hold no images in any split", root, empty
+            "Image folder %r: class folder(s) %s hold no images in any split (each still gets a "
+            "label and a head output)",
+            root,
+            empty,
         )
+    for split, labels in sorted(in_split.items()):
+        missing = [class_names[label] for label in sorted(used - labels)]
+        if missing:
+            logging.warning(
+                "Image folder %r: class(es) %s have images in other splits but none in split "
+                "%r (missing from the train split, a class is never learned; from the eval "
+                "split, never scored)",
+                root,
+                missing,
+                split,
+            )
 
 
 def find_undecodable(paths: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ Adding a format: one module with these functions, plus one line in `REGISTRY`.
   vit_jax_npz  published google-research/vision_transformer `.npz` (also what we write as 'npz');
                big_vision `.npz` files are read through it (`big_vision.py`: renames only)
   timm         timm `VisionTransformer` state dicts and hub folders (`timm_config.py`: timm's model
-               names and config.json)
+               names and config.json; `timm_hybrid.py`: the hybrids' ResNetV2 backbone names)
   hf           Hugging Face `ViTModel` / `ViTForImageClassification` folders
   layout.py    our flat layout and config inference from shapes; source.py reading files
 """

@@ -206,6 +206,8 @@ def unrepresentable(config: ViTConfig) -> list[str]:
     problems = {
         "registers (num_registers > 0)": config.num_registers,
         "distillation_token": config.distillation_token,
+        # HF's hybrids are another class (ViTHybrid, a BiT backbone with its own names).
+        "a ResNet stem (hybrid)": config.is_hybrid,
         "LayerScale": config.layerscale_init is not None,
         "qk-norm": config.qk_norm,
         f"pool={config.pool!r} (only 'token')": config.pool != "token",

@@ -13,6 +13,7 @@ import math
 import re
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.model.config import ViTConfig
@@ -25,6 +26,16 @@ MLP = BLOCK + "/MlpBlock_3"
 LOADED_LAYERSCALE_INIT = 1e-5
 DEFAULT_IMAGE_SIZE = 224
 _BLOCK_RE = re.compile(r"Transformer/encoderblock_(\d+)/")
+ROOT_CONV = "conv_root/kernel"  # a hybrid's ResNet root (model/resnet.py names)
+_UNIT_RE = re.compile(r"block(\d+)/unit(\d+)/")
+_UNIT_LAYERS = (
+    "conv1/kernel",
+    "conv2/kernel",
+    "conv3/kernel",
+    "gn1/scale",
+    "gn2/scale",
+    "gn3/scale",
+)
 
 
 @dataclasses.dataclass
@@ -51,6 +62,48 @@ def block_count(flat: dict[str, Any]) -> int:
     if indices != set(range(len(indices))):
         raise ValueError(f"encoder blocks {sorted(indices)} are not numbered 0..{len(indices) - 1}")
     return len(indices)
+
+
+def resnet_fields(conv: Converted) -> dict[str, Any]:
+    """A hybrid's stem fields from its ResNet keys ({} for a plain ViT); a stage or unit missing
+    from the numbering, or a unit missing a layer, is a ValueError naming it."""
+    flat = conv.params
+    units: dict[int, set[int]] = {}
+    for key in flat:
+        if m := _UNIT_RE.match(key):
+            units.setdefault(int(m[1]), set()).add(int(m[2]))
+    if ROOT_CONV not in flat:
+        if units:
+            raise ValueError(
+                f"hybrid checkpoint without its ResNet root: no {conv.source_key(ROOT_CONV)!r} "
+                f"beside {conv.source_key(sorted(k for k in flat if _UNIT_RE.match(k))[0])!r}"
+            )
+        return {}
+    if sorted(units) != list(range(1, len(units) + 1)):
+        missing = sorted(set(range(1, max(units) + 1)) - set(units))
+        raise ValueError(
+            f"hybrid checkpoint: ResNet stages {sorted(units)} are not numbered 1..{len(units)} "
+            f"(stage(s) {missing} missing, e.g. 'block{missing[0]}/unit1/conv1/kernel'); allowed: "
+            f"every stage block1..blockN present"
+        )
+    for stage, found in sorted(units.items()):
+        if sorted(found) != list(range(1, len(found) + 1)):
+            raise ValueError(
+                f"hybrid checkpoint: stage block{stage} has units {sorted(found)}, not numbered "
+                f"1..{len(found)}"
+            )
+        for unit in sorted(found):
+            needed = list(_UNIT_LAYERS) + (["conv_proj/kernel"] if unit == 1 else [])
+            for layer in needed:
+                key = f"block{stage}/unit{unit}/{layer}"
+                if key not in flat:
+                    raise ValueError(f"hybrid checkpoint: {conv.source_key(key)!r} is missing")
+    root = flat[ROOT_CONV]
+    return dict(
+        resnet_stages=tuple(len(units[s]) for s in sorted(units)),
+        resnet_width=int(root.shape[-1]),
+        num_channels=int(root.shape[2]),
+    )
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -112,6 +165,7 @@ def infer_config(conv: Converted, hints: dict[str, Any], base: ViTConfig) -> ViT
     """
     flat = conv.params
     ph, pw, channels, width = _require(conv, "embedding/kernel").shape
+    stem = resnet_fields(conv)
     depth = block_count(flat)
     if not depth:
         _require(conv, BLOCK.format(0) + "/LayerNorm_0/scale")
@@ -123,7 +177,9 @@ def infer_config(conv: Converted, hints: dict[str, Any], base: ViTConfig) -> ViT
     registers = width_of("registers") or 0
     shaped: dict[str, Any] = dict(
         patch_size=(ph, pw),
-        num_channels=channels,
+        num_channels=stem.get("num_channels", channels),
+        resnet_stages=stem.get("resnet_stages"),
+        resnet_width=stem.get("resnet_width", base.resnet_width),
         hidden_size=width,
         num_layers=depth,
         num_heads=query.shape[1],
@@ -138,6 +194,11 @@ def infer_config(conv: Converted, hints: dict[str, Any], base: ViTConfig) -> ViT
         num_classes=width_of("head/kernel") or 0,
         scan=False,  # translations produce the loop layout; the caller may ask for scan after.
     )
+    if not stem:  # no stem, no stem numerics: the defaults, whatever the source library uses
+        shaped.update(
+            resnet_norm_epsilon=ViTConfig.resnet_norm_epsilon,
+            resnet_ws_epsilon=ViTConfig.resnet_ws_epsilon,
+        )
     if has(BLOCK.format(0) + "/layerscale_attn"):
         shaped["layerscale_init"] = hints.get("layerscale_init") or LOADED_LAYERSCALE_INIT
     else:
@@ -153,6 +214,8 @@ def infer_config(conv: Converted, hints: dict[str, Any], base: ViTConfig) -> ViT
         shaped.pop("pool")  # the source or the caller says (e.g. timm global_pool='avg' + norm).
 
     prefix = int(has_cls) + int(has_dist) + registers
+    stride = 1 if not stem else 4 * 2 ** max(len(stem["resnet_stages"]) - 1, 0)
+    ph, pw = ph * stride, pw * stride  # image pixels per token (a hybrid's stem strides too)
     # The caller's image size may be the checkpoint's (naming a non-square grid) or a new one.
     image_hints = [hints.get("image_size"), conv.fields.get("image_size")]
     if has(POSEMB):
@@ -215,6 +278,10 @@ def with_learned_posemb(
     return {**flat, POSEMB: table}
 
 
+def _is_float(array: np.ndarray) -> bool:
+    return jnp.issubdtype(array.dtype, jnp.floating)
+
+
 def drop_fixed_posemb(params: dict[str, Any], config: ViTConfig) -> dict[str, Any]:
     """Reading back `with_learned_posemb`: the table goes when `config` says sin-cos and it matches.
 
@@ -223,14 +290,18 @@ def drop_fixed_posemb(params: dict[str, Any], config: ViTConfig) -> dict[str, An
     inputs = params.get("Transformer", {}).get("posembed_input")
     if config.posemb != "sincos2d" or not inputs:
         return params
-    table = np.asarray(inputs["pos_embedding"])
+    stored = np.asarray(inputs["pos_embedding"])
+    table = stored.astype(np.float32)
     expected = sincos_table(config)
     prefix = table.shape[1] - expected.shape[1]
+    # The table's values lie in [-1, 1]: stored as float16 / bfloat16 each is off by up to half
+    # that dtype's epsilon, so the tolerance is the dtype's epsilon (1e-5 for float32).
+    tolerance = max(1e-5, float(jnp.finfo(stored.dtype).eps)) if _is_float(stored) else 1e-5
     if (
         prefix < 0
         or table.shape[2] != expected.shape[2]
         or np.abs(table[:, :prefix]).max(initial=0.0) > 0
-        or np.abs(table[:, prefix:] - expected).max() > 1e-5
+        or np.abs(table[:, prefix:] - expected).max() > tolerance
     ):
         raise ValueError(
             f"posemb='sincos2d' was asked for, but {POSEMB!r} {table.shape} is not the fixed "

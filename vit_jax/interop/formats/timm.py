@@ -9,7 +9,8 @@ from a timm config.json (`model_args`), or from the q/k-norm weights (head_dim,)
 Representable: class token or none, registers (`reg_token`), learned posemb covering the prefix tokens
 or not (`no_embed_class`), fixed sin-cos posemb (written as the learned `pos_embed` table it equals,
 timm has no sin-cos), no posemb, qk-norm, LayerScale (`ls1`/`ls2`), token/avg/MAP (`attn_pool`) pooling,
-`fc_norm`, qkv bias or none, exact or tanh GELU (`act_layer='gelu_tanh'`). Not representable
+`fc_norm`, qkv bias or none, exact or tanh GELU (`act_layer='gelu_tanh'`), the hybrids' ResNetV2
+backbone (`timm_hybrid.py`). Not representable
 (ValueError): a pre-logits layer (timm's VisionTransformer has none).
 Not in the tensors (`save.reload_overrides` lists them): heads (unless qk-norm), GELU flavour and
 LayerNorm epsilon (read back as timm's exact GELU and 1e-6), mean pooling with a class token and no
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from vit_jax.interop import input_convention
-from vit_jax.interop.formats import layout
+from vit_jax.interop.formats import layout, timm_hybrid
 from vit_jax.interop.formats.source import Source
 from vit_jax.interop.formats.timm_config import (
     architecture,
@@ -41,7 +42,12 @@ from vit_jax.interop.formats.timm_config import (
 from vit_jax.model.config import ViTConfig
 
 NAME = "timm"
-SOURCE_DEFAULTS = ViTConfig(gelu_approximate=False, layernorm_epsilon=1e-6)
+SOURCE_DEFAULTS = ViTConfig(
+    gelu_approximate=False,
+    layernorm_epsilon=1e-6,
+    resnet_norm_epsilon=1e-5,  # hybrids: timm's GroupNorm and StdConv2dSame epsilons
+    resnet_ws_epsilon=1e-8,
+)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SUFFIXES = (".safetensors", "")  # a file, or a hub folder when `path` has no suffix
@@ -159,6 +165,8 @@ def to_ours(
     )
     if "patch_embed.proj.bias" in state:
         put("embedding/bias", get("patch_embed.proj.bias"), "patch_embed.proj.bias")
+    if timm_hybrid.has_backbone(state):  # HybridEmbed: a ResNet before the patch embedding
+        timm_hybrid.to_ours(state, get, put)
     for theirs, ours in (
         ("cls_token", "cls"),
         ("dist_token", "dist"),
@@ -261,6 +269,8 @@ def from_ours(flat: dict[str, np.ndarray], config: ViTConfig) -> dict[str, np.nd
         flat["embedding/kernel"].transpose(3, 2, 0, 1)
     )
     tensors["patch_embed.proj.bias"] = flat["embedding/bias"]
+    if config.is_hybrid:
+        tensors.update(timm_hybrid.from_ours(flat, config))
     for ours, theirs in (
         ("cls", "cls_token"),
         ("dist", "dist_token"),
@@ -340,10 +350,18 @@ def how_to_load(path: str, config: ViTConfig) -> str:
     """The exact timm calls that build this model and load the weights strictly."""
     weights = f"{path.rstrip('/')}/{WEIGHTS_FILE}" if _is_folder(path) else path
     args = ", ".join(f"{k}={v!r}" for k, v in model_args(config).items())
-    lines = [
-        "import timm",
-        f"model = timm.create_model({architecture(config)!r}, pretrained=False, {args})",
-        f"timm.models.load_checkpoint(model, {weights!r})",
-    ]
+    if config.is_hybrid and timm_hybrid.architecture(config) is None:
+        # No registered timm name has this backbone: build the model as timm's hybrids do.
+        lines = timm_hybrid.construction(config) + [
+            "import timm",
+            f"model = VisionTransformer(embed_layer=partial(HybridEmbed, backbone=backbone), {args})",
+            f"timm.models.load_checkpoint(model, {weights!r})",
+        ]
+    else:
+        lines = [
+            "import timm",
+            f"model = timm.create_model({architecture(config)!r}, pretrained=False, {args})",
+            f"timm.models.load_checkpoint(model, {weights!r})",
+        ]
     lines += [f"# not expressible in timm's config: {x}" for x in not_in_hub_config(config)]
     return "\n".join(lines)

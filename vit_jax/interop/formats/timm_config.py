@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from vit_jax.interop import input_convention
+from vit_jax.interop.formats import timm_hybrid
 from vit_jax.model.config import WIDTHS, ViTConfig
 
 # timm's width names (facts from timm's model registry: vision_transformer.py, deit.py):
@@ -57,6 +58,10 @@ def parse_timm_name(name: str) -> dict[str, Any] | None:
     if not isinstance(name, str):
         return None
     tokens = _tokens(name)
+    if tokens[0] == "vit" and len(tokens) > 1 and tokens[1] in _TIMM_WIDTHS:
+        hybrid = timm_hybrid.parse_name(tokens)  # vit_base_r50_s16_384: a ResNet stem first
+        if hybrid is not None:
+            return {**_TIMM_WIDTHS[tokens[1]], **hybrid}
     patches = [int(t[5:]) for t in tokens if re.fullmatch(r"patch\d+", t)]
     if (
         len(tokens) < 3
@@ -159,6 +164,8 @@ def architecture(config: ViTConfig) -> str:
     """A registered timm name of the same width (`model_args` override all of its settings)."""
     if config.distillation_token:  # timm builds the distillation token only in this class
         return "deit_base_distilled_patch16_224"
+    if config.is_hybrid:  # the name fixes the backbone; model_args set the Transformer
+        return timm_hybrid.architecture(config) or "vit_base_r50_s16_224"
     for width in ("tiny", "small", "base", "large", "huge"):
         if _TIMM_WIDTHS[width]["hidden_size"] == config.hidden_size:
             return f"vit_{width}_patch16_224"
@@ -220,7 +227,9 @@ def hub_config(config: ViTConfig, pre: input_convention.Preprocessing) -> dict[s
             "mean": list(pre.mean),
             "std": list(pre.std),
             "num_classes": config.num_classes,
-            "first_conv": "patch_embed.proj",
+            "first_conv": timm_hybrid.first_conv(config)
+            if config.is_hybrid
+            else "patch_embed.proj",
             "classifier": "head",
         },
     }
@@ -228,6 +237,19 @@ def hub_config(config: ViTConfig, pre: input_convention.Preprocessing) -> dict[s
 
 def not_in_hub_config(config: ViTConfig) -> list[str]:
     """What timm's config.json cannot say (norm_layer is a callable there)."""
+    missing = []
     if config.layernorm_epsilon != 1e-6:
-        return [f"layernorm_epsilon={config.layernorm_epsilon} (timm builds LayerNorm eps=1e-6)"]
-    return []
+        missing.append(
+            f"layernorm_epsilon={config.layernorm_epsilon} (timm builds LayerNorm eps=1e-6)"
+        )
+    if config.is_hybrid and timm_hybrid.architecture(config) is None:
+        missing.append(
+            f"resnet_stages={config.resnet_stages}, resnet_width={config.resnet_width}: no timm "
+            f"name builds this backbone (build it as `how_to_load` says)"
+        )
+    if config.is_hybrid and (config.resnet_norm_epsilon, config.resnet_ws_epsilon) != (1e-5, 1e-8):
+        missing.append(
+            f"resnet_norm_epsilon={config.resnet_norm_epsilon}, resnet_ws_epsilon="
+            f"{config.resnet_ws_epsilon} (timm builds GroupNorm eps=1e-5, StdConv2dSame eps=1e-8)"
+        )
+    return missing

@@ -7,7 +7,8 @@ Writing ('npz') stores every parameter of every model option under our names (lo
 what timm's and big_vision's `.npz` loaders read for the options they know. A posemb that does not cover
 the class/register tokens is stored at the root as `pos_embedding`, big_vision's name for exactly that.
 Not in the tensors (`save.reload_overrides` lists them): GELU flavour and LayerNorm epsilon (read
-back as tanh GELU and 1e-6, the published values), sin-cos vs no posemb (read back as sin-cos), the
+back as tanh GELU and 1e-6, the published values), a hybrid stem's epsilons (read back as the
+original code's 1e-5 and 1e-6; the stem's stages and width are in its `block{n}/unit{m}` names), sin-cos vs no posemb (read back as sin-cos), the
 image size when there is no posemb parameter, mean pooling when a class token is also present, and the
 scan layout. Files we write carry all of these anyway: the full `ViTConfig` and the preprocessing are
 JSON in the zip archive's comment, which numpy, timm and big_vision ignore.

@@ -36,6 +36,11 @@ def _timm_model(config: ViTConfig):
 
     from vit_jax.interop.formats import timm_config
 
+    if config.is_hybrid:  # the backbone comes with the registered name (vit_base_r50_s16_224, ...)
+        import timm
+
+        arch = timm_config.architecture(config)
+        return timm.create_model(arch, pretrained=False, **timm_config.model_args(config))
     return VisionTransformer(**timm_config.model_args(config))  # exactly our model, as exports do
 
 

@@ -2,7 +2,8 @@
 
 `measure(config, steps, workdir)` runs the real trainer (input pipeline, dispatch, logging,
 checkpoint at the end) for `steps` steps in a fresh workdir, then times a bare loop of the very
-same compiled step on one batch already on the devices. Both figures leave compilation out: the
+same compiled step (`make_multi_step`'s program, one step per call) on one batch already on the
+devices. Both figures leave compilation out: the
 trainer's is the steady-state median of its own progress intervals (evaluation and checkpoints
 excluded, as in its progress lines), the bare loop's the median of timed chunks after a warm-up
 call, run before and after the trainer. Their ratio is what everything around the step costs.
@@ -62,19 +63,23 @@ def run_bare(
     run = plan.plan_run(_trainer_config(config, steps), data)
     model, tx, mesh, shardings = run.model, run.tx, run.mesh, run.shardings
     state = train_state.init_state(model, tx, shardings, jax.random.key(config.seed))
-    step_fn = train_step.make_train_step(
+    steps_fn = train_step.make_multi_step(  # the trainer's program, one step per call
         model, tx, mesh, shardings, accum_steps=config.accum_steps, seed=config.seed,
         loss=config.loss,
     )  # fmt: skip
-    batch = sharding.make_global_batch(next(iter(data.train_iter(start_step=0))), mesh)
-    state, out = step_fn(state, batch)  # compile + warm up
+    host = {k: v[None] for k, v in next(iter(data.train_iter(start_step=0))).items()}
+    batch = {
+        k: jax.make_array_from_process_local_data(sharding.stacked_batch_sharding(mesh), v)
+        for k, v in host.items()
+    }
+    state, out = steps_fn(state, batch, 1)  # compile + warm up
     jax.block_until_ready(out)
     chunk = max(steps // repeats, 1)
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(chunk):
-            state, out = step_fn(state, batch)
+            state, out = steps_fn(state, batch, 1)
         jax.block_until_ready((state, out))
         seconds.append((time.perf_counter() - start) / chunk)
     return {"images_per_s": config.batch_size / statistics.median(seconds), "step_s": seconds}

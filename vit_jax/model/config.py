@@ -194,9 +194,7 @@ class ViTConfig:
     @property
     def stem_stride(self) -> int:
         """Pixels per feature-map cell before the patch embedding: 1, or the ResNet's 4·2^(n−1)."""
-        if not self.is_hybrid:
-            return 1
-        return 4 * 2 ** max(len(self.resnet_stages) - 1, 0)
+        return stem_stride_of(self.resnet_stages)
 
     @property
     def stem_channels(self) -> int:
@@ -250,6 +248,14 @@ class ViTConfig:
     @classmethod
     def from_json(cls, text: str) -> ViTConfig:
         return cls.from_dict(json.loads(text))
+
+
+def stem_stride_of(resnet_stages: tuple[int, ...] | None) -> int:
+    """The ResNet stem's stride: 1 without one, 4 for the root (conv /2, max-pool /2), then ×2 for
+    every stage after the first."""
+    if resnet_stages is None:
+        return 1
+    return 4 * 2 ** max(len(resnet_stages) - 1, 0)
 
 
 def _check_stem(cfg: ViTConfig) -> None:

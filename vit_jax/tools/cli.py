@@ -26,7 +26,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 EXIT_ERROR = 1
@@ -49,6 +49,18 @@ def parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def parse_overrides(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Any]:
+    """`--set FIELD=VALUE` items → {field: parse_value(VALUE)}; an item without `=` is a usage
+    error (exit 2) naming it."""
+    overrides = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE")
+        overrides[field] = parse_value(text)
+    return overrides
 
 
 def fatal_line(error: BaseException) -> str:

@@ -94,12 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     cli.plain_warnings()
-    overrides = {}
-    for item in args.set:
-        field, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[field] = parse_value(value)
+    overrides = cli.parse_overrides(parser, args.set)
     cli.quiet_logs(args.verbose, tensorflow=False)
 
     deploying = args.to in deploy.REGISTRY

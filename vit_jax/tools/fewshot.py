@@ -93,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     shots, seeds = _ints(args.shots, "shots", parser), _ints(args.seeds, "seeds", parser)
     if args.batch_size < 1:
         parser.error(f"--batch_size={args.batch_size}: must be at least 1")
-    overrides = {}
-    for item in args.set:
-        field, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[field] = cli.parse_value(value)
+    overrides = cli.parse_overrides(parser, args.set)
     cli.quiet_logs(args.verbose)
 
     def run() -> int:

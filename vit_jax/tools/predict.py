@@ -254,16 +254,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_overrides(parser: argparse.ArgumentParser, items: Sequence[str]) -> dict:
-    overrides = {}
-    for item in items:
-        field, sep, text = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE")
-        overrides[field] = cli.parse_value(text)
-    return overrides
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0, or 1 with one `FATAL` line (2 for a usage mistake); see vit_jax.tools.cli."""
     parser = _parser()
@@ -272,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--top_k={args.top_k} must be at least 1")
     if args.batch_size < 1:
         parser.error(f"--batch_size={args.batch_size} must be at least 1")
-    overrides = _parse_overrides(parser, args.set)
+    overrides = cli.parse_overrides(parser, args.set)
     cli.plain_warnings()
     cli.quiet_logs(args.verbose, tensorflow=False)
 

@@ -16,7 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.model.config import ViTConfig
+from vit_jax.model.config import ViTConfig, stem_stride_of
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
 BLOCK = "Transformer/encoderblock_{}"
@@ -214,7 +214,7 @@ def infer_config(conv: Converted, hints: dict[str, Any], base: ViTConfig) -> ViT
         shaped.pop("pool")  # the source or the caller says (e.g. timm global_pool='avg' + norm).
 
     prefix = int(has_cls) + int(has_dist) + registers
-    stride = 1 if not stem else 4 * 2 ** max(len(stem["resnet_stages"]) - 1, 0)
+    stride = stem_stride_of(stem.get("resnet_stages"))
     ph, pw = ph * stride, pw * stride  # image pixels per token (a hybrid's stem strides too)
     # The caller's image size may be the checkpoint's (naming a non-square grid) or a new one.
     image_hints = [hints.get("image_size"), conv.fields.get("image_size")]

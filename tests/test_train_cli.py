@@ -150,3 +150,27 @@ def test_recipes_reject_unknown_datasets():
         finetune.get_config("ViT-Q/16,cifar10")
     with pytest.raises(ValueError, match="allowed"):
         digits.get_config("huge")
+
+
+def test_none_on_the_command_line_turns_a_tuple_field_off():
+    # ml_collections hands a tuple field's "None" over as (None,); the recipes mean None by it.
+    from absl import flags
+    from ml_collections.config_flags import config_flags
+
+    from vit_jax.tools import train as train_cli
+
+    argv = [
+        "train.py",
+        f"--config={REPO / 'configs/pretrain.py'}:ViT-Ti/4,imagenet2012",
+        "--config.pp.crop_area_range=None",
+        "--config.pp.crop_aspect_range=(0.5,2.0)",
+    ]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    overridden = set(config_flags.get_override_values(flag_values["config"]))
+    assert config.pp.crop_area_range == (None,)  # what ml_collections gives
+    train_cli.none_for_tuple_overrides(config, overridden)
+    assert config.pp.crop_area_range is None
+    assert tuple(config.pp.crop_aspect_range) == (0.5, 2.0)  # real tuples stay as they are

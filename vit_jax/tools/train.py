@@ -206,6 +206,21 @@ def prefer_command_line(config, overridden: set[str]) -> None:
                     node[leaf] = type(node[leaf])(0)
 
 
+def none_for_tuple_overrides(config, overridden: set[str]) -> None:
+    """`--config.pp.crop_area_range=None` means None, not `(None,)`.
+
+    ml_collections parses every value of a tuple field as a sequence, so a bare None arrives
+    wrapped; recipes write None for "off" (e.g. no random-resized crop), so the command line can.
+    """
+    for path in overridden:
+        *parents, leaf = path.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        if isinstance(node[leaf], tuple) and node[leaf] == (None,):
+            node[leaf] = None
+
+
 def _train() -> int:
     # Progress goes to stdout; the libraries' own logs only with --verbose / --verbosity=0.
     cli.quiet_logs(cli.absl_verbose())
@@ -226,7 +241,9 @@ def _train() -> int:
     )
     from vit_jax.train import trainer  # TensorFlow & co. load only once the flags are valid
 
-    prefer_command_line(config, set(config_flags.get_override_values(flags.FLAGS["config"])))
+    overridden = set(config_flags.get_override_values(flags.FLAGS["config"]))
+    none_for_tuple_overrides(config, overridden)
+    prefer_command_line(config, overridden)
     if _DRY_RUN.value:
         from vit_jax.tools import dry_run
 

@@ -28,7 +28,7 @@ import threading
 
 import pytest
 from helpers import COMPILE_CACHE, REPO, assert_params_identical, free_port
-from test_multiprocess import TINY, child_env
+from test_multiprocess import TINY, child_env, coordinator_flags
 
 from vit_jax import checkpoints
 from vit_jax.train import dispatch, workdir
@@ -105,14 +105,8 @@ def run_leg(work, name, processes, devices, fields, data_dir, stop=None, at=0, c
             *TINY,
             *BASE,
             *extra,
+            *coordinator_flags(port, processes, i),
         ]
-        if processes > 1:
-            args += [
-                f"--coordinator_address=127.0.0.1:{port}",
-                f"--num_processes={processes}",
-                f"--process_id={i}",
-                "--distributed_init_timeout=120",
-            ]
         env = child_env(devices, COMPILE_CACHE)
         if crash_at is not None:
             args, env = ["-c", CRASH, *args], {**env, "CRASH_AT_STEP": str(crash_at)}

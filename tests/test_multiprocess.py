@@ -66,6 +66,18 @@ def child_env(devices: int, cache_dir: str) -> dict[str, str]:
     )
 
 
+def coordinator_flags(port: int, processes: int, process_id: int) -> list[str]:
+    """train.py's flags for process `process_id` of a `processes`-process run on localhost."""
+    if processes == 1:
+        return []
+    return [
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={processes}",
+        f"--process_id={process_id}",
+        "--distributed_init_timeout=120",
+    ]
+
+
 class Run:
     """`train.py` started as `processes` processes with `devices` CPU devices each."""
 
@@ -90,13 +102,7 @@ class Run:
                 *extra,
                 *(only or {}).get(i, ()),  # arguments for process i alone
             ]
-            if processes > 1:
-                args += [
-                    f"--coordinator_address=127.0.0.1:{port}",
-                    f"--num_processes={processes}",
-                    f"--process_id={i}",
-                    "--distributed_init_timeout=120",
-                ]
+            args += coordinator_flags(port, processes, i)
             with open(self.logs[i], "w") as log:
                 self.procs.append(
                     subprocess.Popen(

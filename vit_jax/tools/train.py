@@ -189,6 +189,14 @@ def recipe_path(value: str) -> str:
     return f"{candidate}{sep}{arg}" if candidate.exists() else value
 
 
+def _parent_and_leaf(config, path: str):
+    """(the ConfigDict holding the dotted `path`'s field, the field's name)."""
+    *parents, leaf = path.split(".")
+    for parent in parents:
+        config = config[parent]
+    return config, leaf
+
+
 def prefer_command_line(config, overridden: set[str]) -> None:
     """For each pair in ALTERNATIVES, a field set on the command line unsets its partner.
 
@@ -198,10 +206,7 @@ def prefer_command_line(config, overridden: set[str]) -> None:
     for pair in ALTERNATIVES:
         for given, other in (pair, pair[::-1]):
             if given in overridden and other not in overridden:
-                *parents, leaf = other.split(".")
-                node = config
-                for parent in parents:
-                    node = node[parent]
+                node, leaf = _parent_and_leaf(config, other)
                 if node[leaf] is not None:
                     node[leaf] = type(node[leaf])(0)
 
@@ -213,10 +218,7 @@ def none_for_tuple_overrides(config, overridden: set[str]) -> None:
     wrapped; recipes write None for "off" (e.g. no random-resized crop), so the command line can.
     """
     for path in overridden:
-        *parents, leaf = path.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
+        node, leaf = _parent_and_leaf(config, path)
         if isinstance(node[leaf], tuple) and node[leaf] == (None,):
             node[leaf] = None
 

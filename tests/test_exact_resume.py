@@ -63,7 +63,7 @@ LEGS = [
     (1, 2, {"log_every_steps": 3, "checkpoint_every_steps": 7, "prefetch_to_device": 2}, "crash"),
     (1, 2, {"log_every_steps": 50, "eval_batch_size": 120, "steps_per_dispatch": 4}, None),
 ]
-EXIT_STATUS = {"SIGTERM": 143, "SIGINT": 130, "crash": 1, None: 0}
+EXIT_STATUS = {"SIGTERM": 143, "SIGINT": 130, "SIGKILL": -9, "crash": 1, None: 0}
 
 # Runs train.py with an exception raised once the dispatch holding step $CRASH_AT_STEP has run
 # (before the loop counts it): a bug or a lost device in the middle of training. The loop's
@@ -89,8 +89,10 @@ def _progress_step(line: str) -> int | None:
     return None
 
 
-def run_leg(work, name, processes, devices, fields, data_dir, stop=None, at=0, crash_at=None):
-    """`train.py` of the chain's config + `fields` in `work` on `processes` x `devices`; `stop`
+def run_leg(
+    work, name, processes, devices, fields, data_dir, stop=None, at=0, crash_at=None, base=BASE
+):
+    """`train.py` of the chain's config (`base`) + `fields` in `work` on `processes` x `devices`; `stop`
     ('SIGTERM' / 'SIGINT') is sent to the last process once process 0 printed step `at`.
     Returns (exit statuses, process 0's stdout, process 0's stderr). Every process is killed (by
     its own PID) if the leg overruns TIMEOUT_S."""
@@ -103,7 +105,7 @@ def run_leg(work, name, processes, devices, fields, data_dir, stop=None, at=0, c
             f"--workdir={work}",
             f"--config.data_dir={data_dir}",
             *TINY,
-            *BASE,
+            *base,
             *extra,
             *coordinator_flags(port, processes, i),
         ]
@@ -144,47 +146,49 @@ def run_leg(work, name, processes, devices, fields, data_dir, stop=None, at=0, c
             log.close()
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory, digits_data_dir):
-    """The uninterrupted reference (1 process x 2 devices, started beside the first leg) and the
-    stopped chain of LEGS: {'reference': ..., 'legs': [(statuses, out, err, moment)], ...}."""
-    tmp = tmp_path_factory.mktemp("exact_resume")
+def run_chain(tmp, legs, reference_fields, data_dir, base=BASE, topology=(1, 2)):
+    """The uninterrupted reference (on `topology`: processes, devices each; started beside the
+    first leg) and the stopped chain of `legs`:
+    {'reference': ..., 'legs': [(statuses, out, err, moment)], 'work': ..., 'tmp': ...}."""
     reference = {}
 
     def run_reference():
         reference["result"] = run_leg(
-            tmp / "reference", "reference", 1, 2, REFERENCE, digits_data_dir
+            tmp / "reference", "reference", *topology, reference_fields, data_dir, base=base
         )
 
     beside = threading.Thread(target=run_reference)
     beside.start()
-    work, rng, newest, legs = tmp / "w", random.Random(24), 0, []
+    work, rng, newest, results = tmp / "w", random.Random(24), 0, []
     try:
-        for n, (processes, devices, fields, stop) in enumerate(LEGS):
+        for n, (processes, devices, fields, stop) in enumerate(legs):
             at = newest + rng.randrange(3, 15)  # seeded: the same moments on every run
             crash_at = at if stop == "crash" else None
-            signal_name = stop if stop in ("SIGTERM", "SIGINT") else None
+            signal_name = stop if stop in ("SIGTERM", "SIGINT", "SIGKILL") else None
             result = run_leg(
                 work,
                 f"leg{n}",
                 processes,
                 devices,
                 fields,
-                digits_data_dir,
+                data_dir,
                 signal_name,
                 at,
                 crash_at,
+                base,
             )
-            legs.append((*result, {"at": at, "resumed_from": newest}))
+            results.append((*result, {"at": at, "resumed_from": newest}))
             newest = workdir.latest_checkpoint_step(str(work)) or 0
     finally:
         beside.join(timeout=2 * TIMEOUT_S)
-    return {"reference": reference["result"], "legs": legs, "work": work, "tmp": tmp}
+    return {"reference": reference["result"], "legs": results, "work": work, "tmp": tmp}
 
 
-def test_each_leg_stops_as_asked_and_resumes_where_the_last_one_saved(chain):
+def check_legs(legs, chain, steps=STEPS) -> None:
+    """Each leg of `chain` (run from `legs`, `steps` in all) stopped as asked and resumed where
+    the last one saved (a SIGKILL: its exit status alone, nothing runs after it)."""
     for (processes, _, _, stop), (statuses, out, err, moment) in zip(
-        LEGS, chain["legs"], strict=True
+        legs, chain["legs"], strict=True
     ):
         assert statuses == [EXIT_STATUS[stop]] * processes, (moment, out[-2000:], err[-2000:])
         if moment["resumed_from"]:
@@ -193,10 +197,33 @@ def test_each_leg_stops_as_asked_and_resumes_where_the_last_one_saved(chain):
         if stop in ("SIGTERM", "SIGINT"):
             assert last.startswith(f"Stopped by {stop} at step "), (moment, last)
             stopped_at = int(last.split("at step ")[1].split()[0])
-            assert moment["at"] <= stopped_at < STEPS, moment
+            assert moment["at"] <= stopped_at < steps, moment
         elif stop == "crash":
             assert err.strip().splitlines()[-1].startswith("FATAL"), err[-2000:]
             assert f"injected crash at step {moment['at']}" in err
+
+
+def check_ends_like_the_reference(chain) -> None:
+    """The chain's final line and params are the uninterrupted run's, bit for bit."""
+    statuses, ref_out, ref_err = chain["reference"]
+    assert statuses == [0], ref_err[-2000:]
+    _, out, _, _ = chain["legs"][-1]
+    reference_line = ref_out.strip().splitlines()[-1]
+    assert reference_line.startswith("Final test accuracy")
+    assert out.strip().splitlines()[-1] == reference_line
+    assert_params_identical(
+        checkpoints.read_model(str(chain["work"]))[1],
+        checkpoints.read_model(str(chain["tmp"] / "reference"))[1],
+    )
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, digits_data_dir):
+    return run_chain(tmp_path_factory.mktemp("exact_resume"), LEGS, REFERENCE, digits_data_dir)
+
+
+def test_each_leg_stops_as_asked_and_resumes_where_the_last_one_saved(chain):
+    check_legs(LEGS, chain)
 
 
 def test_the_two_process_leg_resumes_as_one_process_with_the_global_order(chain):
@@ -223,16 +250,7 @@ def test_the_crash_loses_only_the_steps_after_the_newest_checkpoint(chain):
 
 
 def test_the_stopped_chain_ends_exactly_where_the_uninterrupted_run_ends(chain):
-    statuses, ref_out, ref_err = chain["reference"]
-    assert statuses == [0], ref_err[-2000:]
-    _, out, _, _ = chain["legs"][-1]
-    reference_line = ref_out.strip().splitlines()[-1]
-    assert reference_line.startswith("Final test accuracy")
-    assert out.strip().splitlines()[-1] == reference_line
-    assert_params_identical(
-        checkpoints.read_model(str(chain["work"]))[1],
-        checkpoints.read_model(str(chain["tmp"] / "reference"))[1],
-    )
+    check_ends_like_the_reference(chain)
 
 
 def test_every_leg_changes_only_harmless_fields():

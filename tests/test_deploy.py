@@ -4,17 +4,19 @@ file (TFLite: one file per static batch); with the preprocessing inside, `predic
 the same classes as for the JAX checkpoint; int8 TFLite keeps the digits' top-1; bad input is
 refused before anything is written.
 
-The models cover the options between them: MAP pooling + registers + LayerScale + qk-norm on a
-non-square 4x6 patch grid (every format), gap pooling with sin-cos position embeddings (ONNX and
-TFLite, the two exporters that translate ops: SavedModel and StableHLO run jax.export's own program,
-which the first model checks) and the digits model (the trained tiny recipe: class token, grayscale
-digits as RGB, white-on-black polarity; every format with the preprocessing inside). Exports take
-seconds each, so the files are made once per module and shared.
+The models cover the options between them, each through every format: MAP pooling + registers +
+LayerScale + qk-norm on a non-square 4x6 patch grid, gap pooling with sin-cos position embeddings,
+token pooling, and the digits model (the trained tiny recipe: class token, grayscale digits as RGB,
+white-on-black polarity; with the preprocessing inside, PNGs of four sizes through one file each).
+ONNX and TFLite files with the preprocessing inside take uint8 images of any size through their own
+resize ops, checked against the JAX preprocessing for sizes up, down and the model's own. Exports
+take seconds each, so the files are made once per test and shared by its checks.
 """
 
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 from helpers import TINY, random_params
@@ -23,7 +25,7 @@ from PIL import Image
 import vit_jax
 from vit_jax.interop import deploy, load
 from vit_jax.interop.deploy import common, stablehlo
-from vit_jax.interop.input_convention import read_image
+from vit_jax.interop.input_convention import Preprocessing, read_image
 from vit_jax.tools import convert, predict
 
 DESTINATIONS = {
@@ -34,14 +36,15 @@ DESTINATIONS = {
 }
 OPTIONS = dict(pool="map", num_registers=2, layerscale_init=0.1, qk_norm=True, image_size=(16, 24))
 GAP = dict(pool="gap", posemb="sincos2d", num_layers=1)
+TOKEN = dict(pool="token", num_layers=1)
 
 
-def export_all(params, config, folder, formats=tuple(DESTINATIONS), labels=None):
-    """{format: [files]} (TFLite: a batch-1 and a batch-3 file)."""
+def export_all(params, config, folder, labels=None, tflite_batches=(1, 3)):
+    """{format: [files]} (TFLite: a file per static batch in `tflite_batches`)."""
     files = {}
-    for format in formats:
+    for format in DESTINATIONS:
         name = DESTINATIONS[format]
-        batches = (1, 3) if format == "tflite" else (None,)
+        batches = tflite_batches if format == "tflite" else (None,)
         files[format] = []
         for batch in batches:
             path = str(folder / (f"b{batch}_{name}" if batch else name))
@@ -55,8 +58,7 @@ def check_logits(model, params, files, images):
     for paths in files.values():
         for path in paths:
             runner = deploy.load(path)
-            batches = [runner.static_batch] if runner.static_batch else [1, 3]
-            for batch in batches:
+            for batch in (1, 3):  # a static-batch file: fed in chunks, the last one padded
                 got = runner(images[:batch])
                 np.testing.assert_allclose(got, ours[:batch], atol=1e-4, err_msg=path)
 
@@ -86,11 +88,53 @@ def test_every_format_gives_our_logits_for_batch_1_and_3(options_model, tmp_path
     assert deploy.load(files["tflite"][1]).meta["input"]["shape"] == [3, 16, 24, 3]
 
 
-def test_gap_pooling_through_the_op_translating_exporters(tmp_path):
-    model = vit_jax.create_model(None, num_classes=10, **{**TINY, **GAP})
+@pytest.mark.parametrize("options", [GAP, TOKEN], ids=["gap_sincos", "token"])
+def test_gap_and_token_pooling_through_every_format(options, tmp_path):
+    model = vit_jax.create_model(None, num_classes=10, **{**TINY, **options})
     params = random_params(model)
-    files = export_all(params, model.config, tmp_path, ("onnx", "tflite"))
+    files = export_all(params, model.config, tmp_path, tflite_batches=(3,))  # 1: padded to 3
     check_logits(model, params, files, random_inputs(model.config))
+
+
+# --- Pixels of any size: the format's own resize ahead of the model -------------------------------
+
+# Everything the in-graph preprocessing does: inversion per image, BGR, per-channel mean/std.
+PIXELS = Preprocessing(
+    mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25), channel_order="BGR", polarity="white_on_black"
+)
+# Up, down (both axes, and one up one down), the model's own 16x24, a single pixel.
+SIZES = [(5, 7), (16, 24), (64, 48), (31, 17), (1, 1)]
+
+
+def test_onnx_and_tflite_take_pixels_of_any_size_from_one_file(options_model, tmp_path):
+    """One file each (TFLite: static batch 3, a batch of 1 padded), fed uint8 images of several
+    sizes in batches of 1 and 3 (one of them dark-on-light, inverted inside): the JAX
+    preprocessing + model's logits (`common.forward`, jax.image.resize's filter)."""
+    model, params = options_model
+    config = model.config
+    ours = jax.jit(common.forward(params, config, PIXELS, common.Options(True))[0])
+    files = {"onnx": tmp_path / "any.onnx", "tflite": tmp_path / "any.tflite"}
+    for format, path in files.items():
+        batch = 3 if format == "tflite" else None
+        deploy.export(params, config, str(path), format, PIXELS, with_preprocessing=True,
+                      batch=batch)  # fmt: skip
+    runners = {format: deploy.load(str(path)) for format, path in files.items()}
+    assert runners["onnx"].meta["input"]["shape"] == [-1, -1, -1, 3]
+    assert runners["tflite"].meta["input"]["shape"] == [3, -1, -1, 3]
+    rng = np.random.default_rng(0)
+    worst = dict.fromkeys(runners, 0.0)
+    for size in SIZES:
+        pixels = rng.integers(0, 256, (3, *size, 3), dtype=np.uint8)
+        pixels[1] = 255 - pixels[1] // 4  # a light border: inverted
+        for batch in (1, 3):
+            want = np.asarray(ours(pixels[:batch]))
+            for format, runner in runners.items():
+                got = runner(pixels[:batch])
+                np.testing.assert_allclose(got, want, atol=1e-4, err_msg=f"{format} {size}")
+                worst[format] = max(worst[format], float(np.abs(got - want).max()))
+    print(
+        "any-size pixels, max |logits - JAX|:", ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+    )
 
 
 # --- The digits model ------------------------------------------------------------------------------
@@ -129,38 +173,72 @@ def run_cli(main, capsys, *argv):
 def test_digits_files_take_pixels_give_our_logits_and_predict_the_same_classes(
     digits, tmp_path, capsys
 ):
-    """Each file with the preprocessing inside, made by the command line, fed the pixels of the
-    PNGs (one dark-on-light, inverted inside): its logits for 1 and 3 images are ours for the same
-    PNGs preprocessed in Python, and predict gives the same top-5 and probabilities (the command
-    line for ONNX against the command line for the JAX checkpoint; the others through the same
-    `predict_deployed`, in the runtime already loaded)."""
+    """Each file with the preprocessing inside, made by the command line (every format now takes
+    uint8 images of any size), fed the pixels of the PNGs (one dark-on-light, inverted inside):
+    its logits for 1 and 3 images are ours for the same PNGs preprocessed in Python, and predict
+    gives the same top-5 and probabilities (the command line for ONNX against the command line for
+    the JAX checkpoint; the others through the same `predict_deployed`, in the runtime already
+    loaded). The same for the digits saved at three other sizes (up, the model's own, down), all
+    through the same files; a file of a fixed `--input_size` refuses a PNG of another size."""
     loaded, _, pngs, checkpoint = digits
     model = vit_jax.VisionTransformer(loaded.config)
-    raw = [read_image(p) for p in pngs]
-    pixels = np.stack([np.repeat(p, 3, axis=-1) for p in raw])  # the RGB model's channels
-    inputs = np.stack([loaded.preprocessing.apply(p, loaded.config.image_size, 3) for p in raw])
-    ours = np.asarray(model.apply({"params": loaded.params}, inputs))
-    want_probs, want_classes = predict.predict(model, loaded.params, inputs, top_k=5)
-    code, expected, err = run_cli(predict.main, capsys, "--checkpoint", checkpoint, *pngs)
+    sizes = {(8, 8): pngs}  # (height, width) → three PNGs
+    for height, width in ((11, 13), (16, 16), (40, 24)):
+        sizes[height, width] = []
+        for png in pngs:
+            sizes[height, width].append(str(tmp_path / f"{height}x{width}_{os.path.basename(png)}"))
+            Image.open(png).resize((width, height), Image.BILINEAR).save(sizes[height, width][-1])
+    everything = [p for group in sizes.values() for p in group]
+    raw = {size: [read_image(p) for p in group] for size, group in sizes.items()}
+    inputs = {size: np.stack([loaded.preprocessing.apply(p, loaded.config.image_size, 3)
+                              for p in images]) for size, images in raw.items()}  # fmt: skip
+    ours = {
+        size: np.asarray(model.apply({"params": loaded.params}, x)) for size, x in inputs.items()
+    }
+    want_probs, want_classes = predict.predict(
+        model, loaded.params, np.concatenate(list(inputs.values())), top_k=5
+    )
+    code, expected, err = run_cli(predict.main, capsys, "--checkpoint", checkpoint, *everything)
     assert code == 0 and "1.png: inverted" in err, err
     for format, name in DESTINATIONS.items():
         path = tmp_path / name
-        size = ["--input_size", "8,8"] if format in ("onnx", "tflite") else []
-        argv = [checkpoint, path, "--to", format, "--with_preprocessing", *size]
+        argv = [checkpoint, path, "--to", format, "--with_preprocessing"]
         code, out, err = run_cli(convert.main, capsys, *argv)
         assert code == 0 and "uint8 pixels" in out, err
         runner = deploy.load(str(path))
-        assert runner.meta["input"]["dtype"] == "uint8"
-        for batch in (1, 3):  # TFLite: its batch-1 file, fed one image at a time
-            np.testing.assert_allclose(runner(pixels[:batch]), ours[:batch], atol=1e-4)
-        probs, classes = predict.predict_deployed(runner, raw, pngs, top_k=5)
+        assert runner.meta["input"]["dtype"] == "uint8" and runner.meta["input"]["shape"][1:3] == [
+            -1,
+            -1,
+        ]
+        for size, images in raw.items():
+            pixels = np.stack(
+                [np.repeat(p, 3, axis=-1) for p in images]
+            )  # the RGB model's channels
+            for batch in (1, 3):  # TFLite: its batch-1 file, fed one image at a time
+                got = runner(pixels[:batch])
+                np.testing.assert_allclose(
+                    got, ours[size][:batch], atol=1e-4, err_msg=f"{format} {size}"
+                )
+        every = [p for images in raw.values() for p in images]
+        probs, classes = predict.predict_deployed(runner, every, everything, top_k=5)
         np.testing.assert_array_equal(classes, want_classes, err_msg=format)
         np.testing.assert_allclose(probs, want_probs, atol=1e-4, err_msg=format)
-    code, out, err = run_cli(predict.main, capsys, "--checkpoint", tmp_path / "model.onnx", *pngs)
+    code, out, err = run_cli(
+        predict.main, capsys, "--checkpoint", tmp_path / "model.onnx", *everything
+    )
     assert code == 0, err
     (names, probs), (want_names, want) = predict_lines(out), predict_lines(expected)
-    assert names == want_names and len(names) == 3 * 5
+    assert names == want_names and len(names) == 12 * 5
     np.testing.assert_allclose(probs, want, atol=1e-4)  # printed with 2 decimals of a percent
+    fixed = tmp_path / "fixed.onnx"  # --input_size: jax2onnx traces the JAX preprocessing itself
+    argv = [checkpoint, fixed, "--to", "onnx", "--with_preprocessing", "--input_size", "8,8"]
+    assert run_cli(convert.main, capsys, *argv)[0] == 0
+    runner = deploy.load(str(fixed))
+    assert runner.meta["input"]["shape"] == [-1, 8, 8, 3]
+    pixels = np.stack([np.repeat(p, 3, axis=-1) for p in raw[8, 8]])
+    np.testing.assert_allclose(runner(pixels), ours[8, 8], atol=1e-4)
+    with pytest.raises(ValueError, match="is 16x16; this file takes 8x8 images"):
+        predict.predict_deployed(runner, raw[16, 16], sizes[16, 16])
 
 
 def predict_lines(text):

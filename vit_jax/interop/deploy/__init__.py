@@ -3,7 +3,8 @@
     save_pretrained(params, "model.onnx", format="onnx", model=config, preprocessing=pre)
     runner = load("model.onnx"); logits = runner(images); runner.meta   # the input convention
 
-  onnx        `onnx_format.py`  jax2onnx → ONNX (opset 18, dynamic batch), run by onnxruntime
+  onnx        `onnx_format.py`  jax2onnx → ONNX (opset 18, dynamic batch), run by onnxruntime;
+                                with preprocessing, ONNX ops resize uint8 images of any size
   savedmodel  `savedmodel.py`   jax2tf → TF SavedModel folder (serving_default, dynamic batch)
   tflite      `tflite.py`       jax2tf → LiteRT/TFLite (static batch; `quantize='dynamic_int8'`)
   stablehlo   `stablehlo.py`    jax.export → serialized StableHLO (+ JSON), run by jax alone
@@ -17,6 +18,9 @@ Each format module has the interface an inference-only format needs (`REGISTRY` 
   outputs(path)                  the files it writes (checked before anything is traced)
   unrepresentable(config, opts)  what it cannot express of the model or the options ([] if none)
   export(fn, spec, path, meta, opts)  writes the traced `fn` of input `spec`, carrying `meta`
+  export_pixels(fn, spec, config,     optional: with_preprocessing for uint8 images of any size
+    pre, path, meta, opts)       when no input_size is given, by the format's own ops (its
+                                 resize) ahead of `fn`, the model alone (float `spec`)
   load(path) → common.Runner     the file in its runtime: runner(images) → logits, runner.meta
 
 Every file carries its input convention in the format's own metadata (ONNX metadata_props, the
@@ -26,6 +30,7 @@ bakes polarity, channel order, resize and normalization in, so the file takes ui
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -125,8 +130,7 @@ def export(
         raise ValueError(f"batch={batch}: expected a positive batch size")
     if size is not None and not with_preprocessing:
         raise ValueError("input_size is the uint8 input's size: it needs with_preprocessing")
-    if size is None and with_preprocessing and format in ("onnx", "tflite"):
-        size = tuple(config.image_size)  # static formats: the model's own size unless told
+    own = with_preprocessing and size is None and hasattr(module, "export_pixels")
     options = common.Options(with_preprocessing, quantize, batch, size)
     if format == "tflite":
         options = tflite.with_static_batch(options)
@@ -135,7 +139,12 @@ def export(
         raise ValueError(f"{len(labels)} labels for a model of {config.num_classes} classes")
     fn, spec = common.forward(params, config, pre, options)
     meta = common.describe(config, pre, labels, options, format, spec)
-    module.export(fn, spec, path, meta, options)
+    if own:  # the format's own ops resize any image size, ahead of the model alone
+        plain = dataclasses.replace(options, with_preprocessing=False)
+        fn, model_spec = common.forward(params, config, pre, plain)
+        module.export_pixels(fn, model_spec, config, pre, path, meta, options)
+    else:
+        module.export(fn, spec, path, meta, options)
     return path
 
 

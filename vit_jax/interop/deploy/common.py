@@ -10,7 +10,10 @@ another polarity (judged per image by its border, as `Preprocessing.orient` does
 bilinear antialiased resize to the model's size and normalization are all in the graph. The resize
 is a pair of weight matrices (`resize_weights`), the same triangle filter as `jax.image.resize`
 (antialias=True), written out because it then traces for every exporter, also with a symbolic
-height and width, which `jax.image.resize` is not for jax2onnx.
+height and width, which `jax.image.resize` is not for jax2onnx. This function is the reference: ONNX
+and TFLite files that take any image size (where jax2onnx and the TFLite converter cannot take a
+symbolic size through) write the same steps in their own ops ahead of the model alone
+(`onnx_format.prepend_preprocessing`, `tflite.preprocess_tf`), tested against it.
 """
 
 from __future__ import annotations

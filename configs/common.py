@@ -151,4 +151,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3  # keep the newest K checkpoints
     config.async_checkpoints = True  # write checkpoints in the background while training goes on
+
+    # Exponential moving average of the weights, updated in the train step: 0 = off; else the
+    # decay, warmed up as min(ema_decay, (1 + step) / (10 + step)) (vit_jax/train/step.py). The EMA
+    # weights are sharded and checkpointed with the params and evaluated beside them (the
+    # 'eval_ema' records of metrics.jsonl); load_pretrained/predict/convert read them by default.
+    config.ema_decay = 0.0
+    # Few-shot linear evaluation of the frozen pre-logits features during training (ridge
+    # regression on k examples per class: vit_jax/train/fewshot.py), logged as split 'fewshot'.
+    config.fewshot = ml_collections.ConfigDict(
+        dict(
+            every_steps=0,  # run every N steps and at the end; 0 = off
+            datasets=(),  # TFDS names / image folders; () = the run's own dataset
+            train_split="",  # where the shots are drawn from; '' = config.train_split
+            test_split="",  # what the accuracy is measured on; '' = config.eval_split
+            shots=(1, 5, 10, 25),  # examples per class; each <= the smallest class of train_split
+            seeds=(0,),  # one draw of the shots per seed; the accuracy is their mean
+        )
+    )
     return config

@@ -30,6 +30,20 @@ def compilation_cache():
 
 
 @pytest.fixture(scope="session")
+def digits_array_record_dir(tmp_path_factory) -> str:
+    """`digits` prepared as ArrayRecord (the random-access layout of large splits): with
+    `in_memory_max_bytes=0` its train split goes through the by-index path."""
+    import tensorflow_datasets as tfds
+
+    import vit_jax.data.builders  # noqa: F401  (registers `digits`)
+
+    tfds.disable_progress_bar()
+    data_dir = str(tmp_path_factory.mktemp("tfds_array_record"))
+    tfds.builder("digits", data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+@pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory) -> str:
     """A TFDS data dir with the `digits` dataset prepared (offline, ~1 s), shared per session."""
     import tensorflow_datasets as tfds

@@ -9,6 +9,8 @@ compiled program runs every step, whatever the grouping: `train_step.make_multi_
 ROUNDING fields are accepted on resume with a WARNING instead.
 """
 
+import json
+
 import pytest
 import test_stop_signals
 from helpers import assert_params_identical
@@ -43,9 +45,18 @@ HOST_VARIANTS = {
 }
 
 
+# Few-shot evaluation every 5 steps (`fewshot.`): the shots and test images are digits' own (the
+# real TFDS data), the training batches the host's.
+FEWSHOT_VARIANT = {"fewshot.every_steps": 5, "fewshot.shots": (1, 2)}
+
+
 def _with(config, fields):
     for key, value in fields.items():
-        config[key] = value
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
     return config
 
 
@@ -61,8 +72,11 @@ def _params(workdir_path):
 
 def test_every_harmless_field_is_changed_by_a_run_here():
     changed = set()  # the real-process stop / resume chain changes the rest
-    for fields in [*HOST_VARIANTS.values(), *test_stop_signals.LEGS]:
-        changed |= set(fields)
+    for fields in [*HOST_VARIANTS.values(), *test_stop_signals.LEGS, FEWSHOT_VARIANT]:
+        # a nested field counts for the prefix that lists it ('fewshot.every_steps': 'fewshot.')
+        changed |= {
+            next((f for f in workdir.HARMLESS if workdir._listed(k, (f,))), k) for k in fields
+        }
     assert set(workdir.HARMLESS) <= changed, set(workdir.HARMLESS) - changed
 
 
@@ -83,6 +97,18 @@ def test_host_batches_change_nothing(host_reference, tmp_path, name):
     assert result["eval"]["top1"] == ref["eval"]["top1"]
     # eval_batch_size groups the eval sums otherwise: the loss may round differently, only that
     assert result["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=1e-6)
+
+
+def test_fewshot_evaluation_changes_nothing(host_reference, tmp_path, digits_data_dir):
+    ref_path, ref = host_reference
+    config = _host_config(FEWSHOT_VARIANT)
+    config.data_dir = digits_data_dir
+    result = trainer.train_and_evaluate(config, str(tmp_path / "w"), data=FakeData(config))
+    assert result["train_losses"] == ref["train_losses"]
+    assert_params_identical(_params(tmp_path / "w"), _params(ref_path))
+    assert result["eval"] == ref["eval"]
+    records = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "fewshot"] == [5, 10, 15, 20]
 
 
 def test_rounding_fields_are_accepted_on_resume_and_named():

@@ -54,6 +54,16 @@ BAD = [
     (["--warmup", "-1"], "--warmup=-1 is invalid: must be >= 0"),
     (["--dataset", "jpeg_folder", "--num_images", "1"], "--num_images=1 is invalid: must be >= 2"),
     (["--batch_size", "many"], "argument --batch_size: invalid int value: 'many'"),
+    (["--reader", "torch"], "--reader='torch' is invalid: allowed 'tf' "),
+    (["--grain_workers", "-1"], "--grain_workers=-1 is invalid: must be an int >= 0 "),
+    (["--in_memory_max_mib", "-1"], "--in_memory_max_mib=-1 is invalid: must be >= 0"),
+    (["--rounds", "0"], "--rounds=0 is invalid: must be >= 1"),
+    (["--file_format", "parquet"], "argument --file_format: invalid choice: 'parquet'"),
+    (["--reader_stages"], "--reader_stages times the by-index path: it needs --file_format "),
+    (
+        ["--reader_stages", "--file_format", "array_record", "--host_cores", "0"],
+        "--host_cores=0 is invalid: must be >= 1",
+    ),
 ]
 
 
@@ -74,6 +84,37 @@ def test_a_tiny_run_prints_both_speeds(run_main, tmp_path):
     )  # fmt: skip
     assert status == 0, err
     assert out.startswith("jpeg_folder: image_size 16, batch 2, ") and "images/s" in out
+
+
+STAGES = [
+    "read, in this process",
+    "read, 1 Grain worker",
+    "read, 2 Grain workers",
+    "pipeline, reader='tf'",
+    "pipeline, reader='grain', 1 worker",
+    "pipeline, reader='grain', 2 workers",
+    "pipeline, TFRecord streamed",
+]
+
+
+def test_reader_stages_time_every_stage_of_the_by_index_path(run_main, tmp_path):
+    status, out, err, _ = run_main(
+        ["--dataset", "digits", "--image_size", "8", "--batch_size", "16", "--num_batches", "2",
+         "--warmup", "1", "--rounds", "1", "--file_format", "array_record",
+         "--in_memory_max_mib", "0", "--reader_stages", "--host_cores", "64",
+         "--data_dir", str(tmp_path / "tfds")],
+        real=True,
+    )  # fmt: skip
+    assert status == 0, err
+    header, *rows, projection = out.strip().splitlines()
+    assert header.startswith("digits: 1437 train examples, image_size 8, batch 16, ")
+    assert [row.split("  ")[1].strip() for row in rows] == STAGES
+    rates = {name: float(row.split()[-6].replace(",", "")) for name, row in zip(STAGES, rows)}
+    assert all(rate > 0 for rate in rates.values())
+    # The projection is the arithmetic of the rows: 32 of 64 cores' workers at one worker's rate.
+    grain = float(projection.rsplit(" ", 2)[-2].replace(",", ""))
+    assert grain == pytest.approx(32 * rates["read, 1 Grain worker"], rel=1e-3)
+    assert "with 32 worker(s) of 64 cores" in projection
 
 
 def test_the_command_line_shows_no_traceback_and_no_library_logs():

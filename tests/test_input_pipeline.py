@@ -291,6 +291,8 @@ def no_data_access(monkeypatch):
         (dict(pp=dict(randaugment_magnitude=31)), 1, r"randaugment_magnitude=31 .* \[0, 30\]"),
         (dict(in_memory_max_bytes=-1), 1, r"config.in_memory_max_bytes=-1 is invalid: must be an"),
         (dict(in_memory_max_bytes=1.5), 1, r"config.in_memory_max_bytes=1.5 is invalid: .* >= 0"),
+        (dict(reader="torch"), 1, r"config.reader='torch' is invalid: allowed 'tf' .* or 'grain'"),
+        (dict(grain_workers=-1), 1, r"config.grain_workers=-1 is invalid: must be an int >= 0"),
         (
             dict(pp=dict(label_smothing=0.1)),
             1,

@@ -19,6 +19,13 @@ DATA_DEFAULTS = dict(
     # Train splits of up to this many (stored) bytes are read into memory once: random access, one
     # global order. Larger ones are read by index (ArrayRecord) or streamed per process (TFRecord).
     in_memory_max_bytes=256 * 2**20,
+    # How a larger ArrayRecord train split is read by index (same order, same batches either way):
+    # 'tf' inside tf.numpy_function (one Python thread: ~17k examples/s at most per process) or
+    # 'grain' in grain_workers processes (vit_jax.data.grain_reader; a ceiling that scales with
+    # cores). Only such splits use it (in-memory and streamed ones ignore it). 'tf' until measured
+    # otherwise: Grain's workers each import Grain at start.
+    reader="tf",
+    grain_workers=2,  # reader='grain': worker processes reading (0 = in this process, no workers).
     skip_corrupt_images=False,  # image folders: skip (and count) files that do not decode.
 )
 

@@ -43,6 +43,10 @@ process count. Which example sits at a position depends on how the split can be 
   position p is example
   `index_shuffle(p mod N)` of a permutation keyed on (seed, epoch p // N): one global shuffle per
   epoch. `shuffle_buffer_size` is not used.
+  How the ArrayRecord one is read: `config.reader='tf'` calls `data_source` inside
+  `tf.numpy_function` (one Python thread); `'grain'` has `config.grain_workers` Grain processes
+  read each step's rows (same positions, same permutation: `vit_jax.data.grain_reader`), and
+  tf.data decodes, augments and batches them as on the tf path, so the batches are identical.
 - streaming (`Data.order == 'per_process'`, larger TFRecord splits; logged): each process reads its own
   `tfds.even_splits` share of the split, undecoded; epoch `e` of that share is a seeded interleave
   of contiguous blocks followed by a seeded shuffle buffer, both keyed on (seed, e). Reproducible
@@ -67,6 +71,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from vit_jax import progress
 from vit_jax.data import preprocess, sources
 from vit_jax.data.defaults import DATA_DEFAULTS, PREPROCESSING_DEFAULTS
 from vit_jax.data.validation import validate_config, validate_dataset
@@ -157,6 +162,11 @@ class Data:
         elif info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
             self.order = "global"  # TFDS data_source: any example by index, from the files
             self._train_source = self._open_data_source(config.train_split)
+            if config.reader == "grain" and process_index == 0:
+                progress.log(
+                    f"Train split {config.train_split} ({split_bytes:,} bytes): read by index "
+                    f"in {config.grain_workers} Grain worker process(es) per process"
+                )
         else:
             self.order = "per_process"
             self._train_blocks = self._make_train_blocks()
@@ -299,12 +309,22 @@ class Data:
         rows = rows % batch
         augment = preprocess.make_train_fn(pp, self.config.image_size, self.num_classes)
 
+        def _augment_seed(position):
+            return preprocess.fold_in(self._seed, _AUGMENT, position)
+
         def example(position):
-            seed = preprocess.fold_in(self._seed, _AUGMENT, position)
-            return augment(self._example_at(position), seed)
+            return augment(self._example_at(position), _augment_seed(position))
 
         ds = tf.data.Dataset.counter(start_step).map(_graph_fn(lambda step: step * batch + rows))
-        ds = ds.unbatch().map(_graph_fn(example), num_parallel_calls=tf.data.AUTOTUNE)
+        if self._train_source is not None and self.config.reader == "grain":
+            # Grain's workers read the same positions' examples; tf.data decodes and augments.
+            ds = tf.data.Dataset.zip((ds.unbatch(), self._grain_examples(start_step, rows)))
+            ds = ds.map(
+                _graph_fn(lambda position, ex: augment(ex, _augment_seed(position))),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        else:
+            ds = ds.unbatch().map(_graph_fn(example), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(b + extra, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
         if extra:
 
@@ -315,6 +335,39 @@ class Data:
 
             ds = tf.data.Dataset.zip((tf.data.Dataset.counter(start_step), ds)).map(_graph_fn(mix))
         return _finish(ds)
+
+    def step_reader(self, rows):
+        """A `grain_reader.StepReader` of this ArrayRecord train split: step -> the undecoded
+        examples at global batch positions `rows` of that step (the tf path's order)."""
+        from tensorflow_datasets.core.data_sources import base as data_sources
+
+        from vit_jax.data import grain_reader
+
+        if self._train_source is None:
+            raise ValueError(f"train split {self.config.train_split!r} is not read by index")
+        # The epoch seeds are [u, epoch] (stateless_fold_in): the workers need only u.
+        order_draw = int(preprocess.fold_in(self._seed, _ORDER, 0).numpy()[0])
+        return grain_reader.StepReader(
+            data_sources.file_instructions(self.builder.info, self.config.train_split),
+            self.builder.info.features,
+            self._train_source[0].decoders,
+            np.asarray(rows),
+            self.config.batch_size,
+            self.num_train_examples,
+            order_draw,
+        )
+
+    def _grain_examples(self, start_step: int, rows: tf.Tensor) -> tf.data.Dataset:
+        """This process's undecoded train examples from step `start_step` on, one per row,
+        read by `config.grain_workers` Grain processes (`vit_jax.data.grain_reader`)."""
+        from vit_jax.data import grain_reader
+
+        return grain_reader.examples_dataset(
+            self.step_reader(rows.numpy()),
+            start_step,
+            self.config.grain_workers,
+            self._train_source[1],
+        )
 
     def _per_process_train_dataset(self, start_step: int) -> tf.data.Dataset:
         pp = self.config.pp

@@ -79,6 +79,18 @@ def validate_config(config, process_index: int, process_count: int) -> None:
         config.in_memory_max_bytes,
         "must be an int >= 0 (bytes; 0 = never hold the train split in memory)",
     )
+    _require(
+        config.reader in ("tf", "grain"),
+        "reader",
+        config.reader,
+        "allowed 'tf' (by index in tf.data) or 'grain' (Grain worker processes)",
+    )
+    _require(
+        _is_int(config.grain_workers) and config.grain_workers >= 0,
+        "grain_workers",
+        config.grain_workers,
+        "must be an int >= 0 (processes reading for reader='grain'; 0 = in this process)",
+    )
     pp = config.pp
     _require(pp.num_channels in (1, 3), "pp.num_channels", pp.num_channels, "must be 1 or 3")
     _check_pair(pp, "crop_area_range", 1.0)

@@ -1,8 +1,16 @@
 """Checkpoints in: every public ViT layout, and this project's own files, → (config, params).
 
-  model, params = load_pretrained(path, variant=None, **overrides)
+  model, params = load_pretrained(path, variant=None, weights=None, **overrides)
   config, params = load_params(path, variant=None, **overrides)
-  loaded = load_checkpoint(path, ...)   # .config, .params, .preprocessing
+  loaded = load_checkpoint(path, ...)   # .config, .params, .preprocessing, .weights
+
+Weights of a training run (`weights`): a run with `config.ema_decay` > 0 keeps two sets, its
+trained weights ('raw') and their exponential moving average ('ema'). The default (None) reads the
+EMA when the checkpoint has one, else the raw weights: the EMA is the model such recipes report and
+ship (timm's `--model-ema`, DeiT), training evaluates both (split 'eval_ema' of metrics.jsonl) and
+it is the better one once the run has averaged over enough steps; `weights='raw'` reads the other.
+Asking for 'ema' from a checkpoint without them, or from any other format (a file holds one set of
+weights), is one ValueError naming the path.
 
 Files this project writes (`save.save_pretrained`, training's Orbax checkpoints) also carry the full
 `ViTConfig` and the input convention (`preprocessing`), so they load back exactly with no overrides;
@@ -79,6 +87,8 @@ class Loaded:
     config: ViTConfig
     params: dict
     preprocessing: Preprocessing
+    # Which weights of a training run were read: 'ema' or 'raw'; None for any other format.
+    weights: str | None = None
 
 
 # The remote file systems Orbax reads checkpoints from (through etils.epath, which knows these).
@@ -98,10 +108,11 @@ def _is_orbax(path: str) -> bool:
     return os.path.isdir(path) and checkpoints.is_checkpoint(path)
 
 
-def _orbax(path: str) -> tuple[ViTConfig, dict, Preprocessing | None]:
+def _orbax(path: str, weights: str | None) -> tuple[ViTConfig, dict, Preprocessing | None, str]:
     # The newest intact step: a damaged newer one is named in a warning and skipped.
-    config, params, recorded, _ = checkpoints.read_trained(path)
-    return config, params, Preprocessing.from_dict(recorded) if recorded else None
+    config, params, recorded, step_dir = checkpoints.read_trained(path, weights=weights)
+    pre = Preprocessing.from_dict(recorded) if recorded else None
+    return config, params, pre, checkpoints.chosen_weights(step_dir, weights)
 
 
 def _translated(path: str, hints: dict[str, Any]):
@@ -145,13 +156,16 @@ def load_checkpoint(
     *,
     variant: str | ViTConfig | None = None,
     pretrained: str | None = None,
+    weights: str | None = None,
     **overrides,
 ) -> Loaded:
     """Config, params and preprocessing of any supported checkpoint; see the module docstring.
 
     `pretrained` names a public checkpoint of the model `path` names (`vit_jax.list_pretrained()`),
     e.g. load_checkpoint('ViT-B/16', pretrained='augreg-i21k-ft-i1k'): downloaded once, then cached.
+    `weights` ('ema' | 'raw' | None): which weights of a training run (module docstring).
     """
+    checkpoints.check_weights(weights)
     named_pre = None
     if pretrained is not None:
         entry = pretrained_lib.find(path, pretrained)
@@ -160,10 +174,17 @@ def load_checkpoint(
     hints = {**variant_fields(variant), **overrides}
     path = os.fspath(path)
     translated = not _is_orbax(path)
+    chosen = None
     if not translated:  # ours: the config was saved beside the params
-        source_config, params, pre = _orbax(path)
+        source_config, params, pre, chosen = _orbax(path, weights)
         origin, preferred, exact = {}, {}, True
     else:
+        if weights == "ema":  # before any download: only a training checkpoint keeps two sets
+            raise ValueError(
+                f"weights='ema': {path} is not a vit_jax training checkpoint (a workdir, its "
+                f"checkpoints/ or one step), so it holds one set of weights and no EMA; allowed "
+                f"for it: weights='raw' or None"
+            )
         path = fetch.localize(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"checkpoint {path!r} does not exist")
@@ -197,7 +218,7 @@ def load_checkpoint(
                 path,
                 DEFAULT.describe(),
             )
-    return Loaded(config, jax.tree.map(np.asarray, params), pre)
+    return Loaded(config, jax.tree.map(np.asarray, params), pre, chosen)
 
 
 def load_params(
@@ -209,12 +230,22 @@ def load_params(
 
 
 def load_pretrained(
-    path: str, *, variant: str | ViTConfig | None = None, pretrained: str | None = None, **overrides
+    path: str,
+    *,
+    variant: str | ViTConfig | None = None,
+    pretrained: str | None = None,
+    weights: str | None = None,
+    **overrides,
 ) -> tuple[VisionTransformer, dict]:
     """(model, params) ready for `model.apply({'params': params}, images)`; see the module docstring.
 
     `load_pretrained('ViT-B/16', pretrained='augreg-i21k-ft-i1k')` fetches a public checkpoint by
-    name (see `vit_jax.list_pretrained()`).
+    name (see `vit_jax.list_pretrained()`). `weights` picks a training run's weights: 'ema' (the
+    exponential moving average), 'raw', or None (the default): the EMA when the run kept one (it is
+    the model EMA recipes report and ship), else the raw weights; 'ema' from a checkpoint without
+    them is one ValueError naming it.
     """
-    loaded = load_checkpoint(path, variant=variant, pretrained=pretrained, **overrides)
+    loaded = load_checkpoint(
+        path, variant=variant, pretrained=pretrained, weights=weights, **overrides
+    )
     return VisionTransformer(loaded.config), loaded.params

@@ -5,7 +5,9 @@ in another runtime; `--with_preprocessing`, `--quantize dynamic_int8`, `--batch`
 
 The destination is checked before the source is read (a long download is not wasted on a name that
 would be refused), and the report ends with what a reader that ignores our metadata must be told
-(`set_flags`: `--set` flags a shell passes through unchanged).
+(`set_flags`: `--set` flags a shell passes through unchanged). `--weights ema|raw` picks which
+weights of a training run are written (default: its EMA when it kept one, else the raw weights;
+`vit_jax.interop.load` says why).
 """
 
 from __future__ import annotations
@@ -30,10 +32,19 @@ def set_flags(settings: dict[str, Any]) -> str:
     return " ".join(f"--set {shlex.quote(f'{k}={text(v)}')}" for k, v in shown.items())
 
 
+def _weights_note(loaded) -> str:
+    """', from the EMA weights' / ', from the raw weights' for a training run; '' otherwise."""
+    return {"ema": ", from the EMA weights", "raw": ", from the raw weights"}.get(
+        loaded.weights, ""
+    )
+
+
 def _deploy(args, overrides: dict[str, Any], input_size) -> int:
     """The deployment half of `main`: read, trace, write, say how to run it."""
     with logging_redirect_tqdm(), progress.bar(2, f"export to {args.to}", unit="stage") as stages:
-        loaded = load.load_checkpoint(args.src, variant=args.variant, **overrides)
+        loaded = load.load_checkpoint(
+            args.src, variant=args.variant, weights=args.weights, **overrides
+        )
         stages.update(1)
         deploy.save_pretrained(
             loaded.params, args.dst, format=args.to, model=loaded.config,
@@ -44,7 +55,7 @@ def _deploy(args, overrides: dict[str, Any], input_size) -> int:
         stages.update(1)
     runtime = deploy.REGISTRY[args.to].RUNTIME
     takes = "uint8 pixels" if args.with_preprocessing else loaded.preprocessing.describe()
-    print(f"wrote {args.dst} ({args.to}) of a model with {loaded.config}")
+    print(f"wrote {args.dst} ({args.to}) of a model with {loaded.config}{_weights_note(loaded)}")
     print(f"inputs: {takes}; the input convention is stored in the file")
     print(f"runs with {runtime}: python -m vit_jax.tools.predict --checkpoint {args.dst} IMAGE")
     return 0
@@ -69,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--input_size",
         default=None,
-        help="with --with_preprocessing: the uint8 input's H,W (onnx and tflite need one; default "
-        "the model's image size; savedmodel and stablehlo take any size without it)",
+        help="with --with_preprocessing: a fixed H,W for the uint8 input (default: images of any "
+        "size, in every deployment format)",
     )
     parser.add_argument(
         "--quantize", choices=deploy.common.QUANTIZATIONS, help="tflite: dynamic-range int8 weights"
@@ -79,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         "--batch", type=int, default=None, help="a static batch size (tflite: default 1)"
     )
     parser.add_argument("--variant", help="e.g. ViT-B/16 or vit_base_patch16_224")
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default=None,
+        help="a training run's weights: its EMA (kept with config.ema_decay > 0) or the raw ones; default: the EMA when the checkpoint has one, else raw",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -120,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             logging_redirect_tqdm(),
             progress.bar(3, f"convert to {args.to}", unit="stage", leave=True) as stages,
         ):
-            loaded = load.load_checkpoint(args.src, variant=args.variant, **overrides)
+            loaded = load.load_checkpoint(
+                args.src, variant=args.variant, weights=args.weights, **overrides
+            )
             stages.update(1)
             save.save_pretrained(
                 loaded.params, args.dst, format=args.to, model=loaded.config,
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             needed = save.reload_overrides(loaded.params, loaded.config, args.to)
             stages.update(1)
         config = loaded.config
-        print(f"wrote {args.dst} ({args.to}) of a model with {config}")
+        print(f"wrote {args.dst} ({args.to}) of a model with {config}{_weights_note(loaded)}")
         print(
             f"inputs: {loaded.preprocessing.describe()}; config and inputs are stored in the file"
         )

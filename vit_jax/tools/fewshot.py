@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=256, help="feature extraction batch")
     parser.add_argument("--variant", help="what the weights do not say, e.g. ViT-B/16")
     parser.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default=None,
+        help="a training run's weights: its EMA (kept with config.ema_decay > 0) or the raw ones; default: the EMA when the checkpoint has one, else raw",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="a ViTConfig override"
     )
     parser.add_argument("--json_out", help="also write the results as JSON to this file")
@@ -102,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         from vit_jax.train import fewshot
 
         loaded = load.load_checkpoint(
-            args.checkpoint, variant=args.variant, pretrained=args.pretrained, **overrides
+            args.checkpoint,
+            variant=args.variant,
+            pretrained=args.pretrained,
+            weights=args.weights,
+            **overrides,
         )
         model = VisionTransformer(loaded.config)
         cfg = loaded.config
@@ -126,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             shots=shots, seeds=seeds, num_classes=num_classes,
         )  # fmt: skip
         print(
-            f"{args.checkpoint}: {features[0].shape[1]}-d features, {args.dataset} "
+            f"{args.checkpoint}{f' ({loaded.weights} weights)' if loaded.weights else ''}: "
+            f"{features[0].shape[1]}-d features, {args.dataset} "
             f"({len(train[1])} {args.train_split} / {len(test[1])} {args.test_split} examples, "
             f"{num_classes} classes)"
         )

@@ -2,6 +2,7 @@
 
     python -m vit_jax.tools.predict --checkpoint PATH [--labels imagenet|FILE] [--top_k 5] IMAGE...
         [--variant V] [--set FIELD=VALUE ...]   # what the weights do not say, as for vit_jax.tools.convert
+        [--weights ema|raw]   # a training run's EMA or raw weights (default: EMA when it has one)
 
 PATH is an exported model (`model.onnx`, `model.tflite`, a SavedModel folder, `model.stablehlo`:
 run in its own runtime, which must be installed: onnxruntime, ai-edge-litert, tensorflow, jax), or
@@ -141,6 +142,9 @@ def label_names(labels: str | None, num_classes: int, checkpoint: str = "") -> l
     return names
 
 
+_WEIGHTS_SHOWN = {"ema": "the EMA weights", "raw": "the raw (not averaged) weights"}
+
+
 # --- Prediction -------------------------------------------------------------------------------------
 
 
@@ -248,6 +252,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--labels", default=None, help="'imagenet', or a text file with one class name per line"
     )
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default=None,
+        help="a training run's weights: its EMA (kept with config.ema_decay > 0) or the raw ones; default: the EMA when the checkpoint has one, else raw",
+    )
     parser.add_argument("--top_k", type=int, default=5, help="how many classes to print per image")
     parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files PIL can read")
@@ -273,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Read every image first: a typo in the last file should not cost a checkpoint load.
         pixels = [read_image(path) for path in args.images]
         if deploy.detect(args.checkpoint) is not None:  # an exported file: its own runtime
+            if args.weights == "ema":
+                raise ValueError(
+                    f"--weights ema: {args.checkpoint} is an exported model, which holds one set "
+                    f"of weights (the ones it was converted from); allowed for it: no --weights"
+                )
             runner = deploy.load(args.checkpoint)
             probs, indices = predict_deployed(
                 runner, pixels, args.images, args.top_k, args.batch_size
@@ -284,8 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(format_predictions(path, p, i, names))
             return 0
         loaded = load.load_checkpoint(
-            args.checkpoint, variant=args.variant, pretrained=args.pretrained, **overrides
+            args.checkpoint,
+            variant=args.variant,
+            pretrained=args.pretrained,
+            weights=args.weights,
+            **overrides,
         )
+        if loaded.weights:  # a training run's: say which of its weights answer
+            print(f"{args.checkpoint}: {_WEIGHTS_SHOWN[loaded.weights]}", file=sys.stderr)
         model, params, pre = VisionTransformer(loaded.config), loaded.params, loaded.preprocessing
         cfg = model.config
         names = label_names(args.labels, cfg.num_classes, args.checkpoint)

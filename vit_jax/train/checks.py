@@ -98,6 +98,45 @@ def validate_training(config) -> None:
         per_dispatch,
         "must be an int >= 1 (1 = one step per call)",
     )
+    decay = config.get("ema_decay", 0.0)
+    _require(
+        _number(decay) and 0 <= decay < 1,
+        "ema_decay",
+        decay,
+        "must be in [0, 1) (0 = no EMA; e.g. 0.999 averages over ~1000 steps)",
+    )
+    check_fewshot(config.get("fewshot"))
+
+
+def check_fewshot(fewshot) -> None:
+    """The few-shot fields (`config.fewshot`), before any data is read; the shots against the
+    class sizes are checked once the train split's labels are read (`fewshot_loop.prepare`)."""
+    if fewshot is None:
+        return
+    every = fewshot.every_steps
+    _require(
+        _int(every) and every >= 0, "fewshot.every_steps", every, "must be an int >= 0 (0 = off)"
+    )
+    shots, seeds = tuple(fewshot.shots), tuple(fewshot.seeds)
+    _require(
+        bool(shots) and all(_int(k) and k >= 1 for k in shots),
+        "fewshot.shots",
+        shots,
+        "must be a non-empty tuple of ints >= 1 (examples per class), e.g. (1, 5, 10, 25)",
+    )
+    _require(
+        bool(seeds) and all(_int(k) and k >= 0 for k in seeds),
+        "fewshot.seeds",
+        seeds,
+        "must be a non-empty tuple of ints >= 0 (one draw of the shots each)",
+    )
+    datasets = fewshot.datasets
+    _require(
+        not isinstance(datasets, str) and all(isinstance(d, str) and d for d in datasets),
+        "fewshot.datasets",
+        datasets,
+        "must be a tuple of dataset names (TFDS names or image folders); () = the run's own",
+    )
 
 
 def total_steps_of(config: ml_collections.ConfigDict, num_train_examples: int) -> int:

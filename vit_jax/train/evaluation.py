@@ -75,9 +75,13 @@ def evaluate(eval_step, params, data, mesh) -> dict[str, float]:
     return {k: float(v) for k, v in results.items()}
 
 
-def format_eval(step: int, results: dict[str, float]) -> str:
-    """`eval at step S: loss L | top1 A% | top5 B% (N examples)`."""
-    shown = "".join(f" | {n} {100 * results[n]:.2f}%" for n in METRICS if n in results)
-    return (
-        f"eval at step {step}: loss {results['loss']:.4f}{shown} ({int(results['count'])} examples)"
-    )
+def format_eval(step: int, results: dict[str, float], ema: dict[str, float] | None = None) -> str:
+    """`eval at step S: loss L | top1 A% | top5 B% (N examples)`, and with `ema` (the EMA weights'
+    results) `... (N examples); EMA weights: loss L | top1 A% | top5 B%`."""
+
+    def shown(values):
+        metrics = "".join(f" | {n} {100 * values[n]:.2f}%" for n in METRICS if n in values)
+        return f"loss {values['loss']:.4f}{metrics}"
+
+    line = f"eval at step {step}: {shown(results)} ({int(results['count'])} examples)"
+    return line + (f"; EMA weights: {shown(ema)}" if ema else "")

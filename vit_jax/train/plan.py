@@ -39,7 +39,7 @@ class RunPlan:
     model: VisionTransformer
     tx: optax.GradientTransformation
     lr_schedule: Callable[[int], Any]
-    shapes: dict  # the train state {'params', 'opt_state', 'step'} as ShapeDtypeStructs
+    shapes: dict  # the train state (+ 'ema_params' with EMA) as ShapeDtypeStructs
     shardings: dict  # a NamedSharding per array of the train state
 
     @property
@@ -106,7 +106,7 @@ def plan_run(
     tx, lr_schedule = optim.make_optimizer(
         config.optim, config.schedule, param_shapes(model), total_steps
     )
-    shapes = train_state.state_shapes(model, tx)
+    shapes = train_state.state_shapes(model, tx, ema=bool(config.get("ema_decay")))
     shardings = sharding.tree_shardings(
         shapes, mesh, config.fsdp_min_size, config.get("sharding_rules", ())
     )

@@ -1,4 +1,5 @@
-"""The train state {'params', 'opt_state', 'step'}: its model, its placement, and where it starts.
+"""The train state {'params', 'opt_state', 'step'} (+ 'ema_params' with `config.ema_decay` > 0):
+its model, its placement, and where it starts.
 
 A run starts (`initial_state`) from exactly one of, in this order:
   1. the newest checkpoint in the workdir (a restart resumes: see `trainer.py`);
@@ -7,7 +8,9 @@ A run starts (`initial_state`) from exactly one of, in this order:
      re-initialized when the class count differs, anything else that differs is an error);
   3. a fresh random init.
 Every path builds the arrays directly with their final sharding, so no device ever holds more than
-its share of an FSDP-sharded model.
+its share of an FSDP-sharded model. The EMA of the params starts as a copy of the step-0 params (on
+paths 2 and 3; path 1 restores it) and is sharded exactly as they are (`sharding.tree_specs` gives
+'ema_params/<name>' the spec of 'params/<name>').
 """
 
 from __future__ import annotations
@@ -27,14 +30,22 @@ from vit_jax.model import transfer, vit
 from vit_jax.model.config import ViTConfig
 
 
-def _fresh_state(model: vit.VisionTransformer, tx: optax.GradientTransformation, rng) -> dict:
+def _fresh_state(
+    model: vit.VisionTransformer, tx: optax.GradientTransformation, rng, ema: bool = False
+) -> dict:
     params = vit.init_params(model, rng)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if ema:
+        state["ema_params"] = jax.tree.map(jnp.copy, params)
+    return state
 
 
-def state_shapes(model: vit.VisionTransformer, tx: optax.GradientTransformation) -> dict:
-    """The train state as ShapeDtypeStructs, computed without allocating anything."""
-    return jax.eval_shape(lambda: _fresh_state(model, tx, jax.random.key(0)))
+def state_shapes(
+    model: vit.VisionTransformer, tx: optax.GradientTransformation, ema: bool = False
+) -> dict:
+    """The train state as ShapeDtypeStructs, computed without allocating anything; `ema`: with
+    'ema_params' (`config.ema_decay` > 0)."""
+    return jax.eval_shape(lambda: _fresh_state(model, tx, jax.random.key(0), ema))
 
 
 def init_state(
@@ -44,14 +55,22 @@ def init_state(
     rng: jax.Array,
     params: Any = None,
 ) -> dict:
-    """A step-0 train state laid out as `shardings`: random params, or the given (host) params."""
-    if params is None:
-        return jax.jit(lambda: _fresh_state(model, tx, rng), out_shardings=shardings)()
+    """A step-0 train state laid out as `shardings`: random params, or the given (host) params.
 
-    params = jax.tree.map(_place_host_array, params, shardings["params"])
+    With 'ema_params' in `shardings` the state holds them too: a copy of the step-0 params.
+    """
+    ema = "ema_params" in shardings
+    if params is None:
+        return jax.jit(lambda: _fresh_state(model, tx, rng, ema), out_shardings=shardings)()
+
+    host_params = params
+    params = jax.tree.map(_place_host_array, host_params, shardings["params"])
     opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
-    return {"params": params, "opt_state": opt_state, "step": step}
+    state = {"params": params, "opt_state": opt_state, "step": step}
+    if ema:  # buffers of their own: the train step donates both
+        state["ema_params"] = jax.tree.map(_place_host_array, host_params, shardings["ema_params"])
+    return state
 
 
 def _place_host_array(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -76,7 +95,8 @@ def load_init_params(init_from: str, model_config: ViTConfig) -> dict:
         raise FileNotFoundError(f"config.init_from={init_from!r} does not exist")
     from vit_jax.interop import load  # interop (safetensors & co): imported only when it is used
 
-    # The one reader: it tells our Orbax checkpoints from published files and reads either as it is.
+    # The one reader: it tells our Orbax checkpoints from published files and reads either as it is
+    # (a run that kept an EMA of its weights: the EMA ones, load_pretrained's default).
     loaded = load.load_checkpoint(init_from)
     try:
         return transfer.adapt_params(loaded.params, loaded.config, model_config)
@@ -84,8 +104,31 @@ def load_init_params(init_from: str, model_config: ViTConfig) -> dict:
         raise InitCheckpointError(f"config.init_from={init_from!r}: {e}") from None
 
 
+def check_ema_matches(ckpt, shapes, ema_decay) -> None:
+    """One clear error when the newest checkpoint's state has 'ema_params' and the run's has not,
+    or the other way round (`config.ema_decay` turned on or off on resume; the workdir check
+    refuses that already when config.json is there): restoring would fail on every step and move
+    them all aside as damaged."""
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            saved = checkpoints.has_ema_weights(ckpt.directory / str(step))
+        except Exception:  # noqa: BLE001  (unreadable: the restore below reports the damage)
+            continue
+        if saved != ("ema_params" in shapes):
+            have = "has EMA weights" if saved else "has no EMA weights (ema_decay was 0)"
+            raise ValueError(
+                f"config.ema_decay={ema_decay!r} does not fit the run in "
+                f"{ckpt.directory}: its checkpoint of step {step} {have}, so it resumes only with "
+                f"ema_decay {'> 0 (its own value)' if saved else '= 0'}; to change it, start "
+                f"over with --restart, or fine-tune from it in a new workdir with "
+                f"--config.init_from={ckpt.directory.parent}"
+            )
+        return
+
+
 def initial_state(config, ckpt, model, tx, shapes, shardings) -> tuple[dict, int]:
     """(state, step): the newest checkpoint's if there is one, else step 0 from init_from/random."""
+    check_ema_matches(ckpt, shapes, config.get("ema_decay", 0.0))
     restored = ckpt.restore_newest_intact(
         checkpoints.abstract_with_shardings(shapes, shardings), warn=progress.log
     )

@@ -1,6 +1,7 @@
 """The loss, one optimizer step (with gradient accumulation) and one eval step, jitted over a mesh.
 
-The train state is a plain dict {'params', 'opt_state', 'step'} (the checkpoint's `state` item).
+The train state is a plain dict {'params', 'opt_state', 'step'} (the checkpoint's `state` item),
+plus 'ema_params' (an exponential moving average of the params) when `config.ema_decay` > 0.
 Both steps are compiled once with explicit input/output shardings, so the same code runs on one CPU,
 8 simulated devices, a GPU box or a TPU pod: the mesh decides where every array lives and XLA adds
 the collectives (gradient all-reduce for 'data', all-gather / reduce-scatter for 'fsdp').
@@ -158,6 +159,7 @@ def train_step_fn(
     accum_steps: int = 1,
     seed: int = 0,
     loss: str = "softmax_xent",
+    ema_decay: float = 0.0,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """The (un-jitted) step `(state, batch) -> (state, metrics)`.
 
@@ -167,6 +169,7 @@ def train_step_fn(
     micro-batch index), so a resumed run draws exactly the masks the uninterrupted one would, on
     any number of devices (JAX's partitionable threefry makes random bits independent of sharding).
     metrics: 'loss' (mean over the batch) and 'grad_norm' (global, before clipping).
+    `ema_decay` > 0: the state also holds 'ema_params', updated after each step (`update_ema`).
     """
     # A stream of its own: `key(seed)` itself initializes the parameters.
     base_key = jax.random.fold_in(jax.random.key(seed), 1)
@@ -208,9 +211,35 @@ def train_step_fn(
             "opt_state": opt_state,
             "step": state["step"] + 1,
         }
+        if ema_decay:
+            new_state["ema_params"] = update_ema(
+                state["ema_params"], new_state["params"], state["step"], ema_decay
+            )
         return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     return train_step
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """The EMA decay of the update made by step `step` (0-based: the state's step before it).
+
+    TensorFlow's `tf.train.ExponentialMovingAverage(decay, num_updates=step)` warm-up,
+    `min(decay, (1 + step) / (10 + step))`: 0.1 at the first step, so the average forgets the
+    random init within tens of steps instead of 1 / (1 - decay) of them.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema_params: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """`d * ema + (1 - d) * params` per leaf with `d = ema_decay_at(step, decay)`, in float32."""
+    d = ema_decay_at(step, decay)
+
+    def mix(ema, new):
+        mixed = d * ema.astype(jnp.float32) + (1.0 - d) * new.astype(jnp.float32)
+        return mixed.astype(ema.dtype)
+
+    return jax.tree.map(mix, ema_params, params)
 
 
 def make_eval_step(

@@ -12,8 +12,9 @@
   reporting   vit_jax.train.report          progress lines, TensorBoard, metrics.jsonl, curves.png
 
 Restarting the same command resumes from the newest checkpoint and continues exactly as if never
-stopped: the state (params, optimizer moments, step) is restored, the input pipeline restarts at
-the saved step, and dropout keys are folded from the step.
+stopped: the state (params, optimizer moments, step, and the EMA weights with `config.ema_decay`)
+is restored, the input pipeline restarts at the saved step, and dropout keys are folded from the
+step.
 
 Failures keep what was done: a non-finite loss stops the run with the step named, before any
 checkpoint containing it is written; SIGTERM (preemption) and Ctrl-C save a checkpoint and return
@@ -34,7 +35,16 @@ from absl import logging
 from vit_jax import checkpoints, distributed, progress
 from vit_jax.interop import input_convention
 from vit_jax.model import vit
-from vit_jax.train import checks, dispatch, evaluation, loss_watch, plan, report, stops
+from vit_jax.train import (
+    checks,
+    dispatch,
+    evaluation,
+    fewshot_loop,
+    loss_watch,
+    plan,
+    report,
+    stops,
+)
 from vit_jax.train import state as train_state
 from vit_jax.train import step as train_step
 from vit_jax.train.workdir import Workdir
@@ -92,6 +102,8 @@ def train_and_evaluate(
     config_json = config.to_json_best_effort(indent=2, sort_keys=True)
     owner.check_config(config_json, total_steps, data.num_train_examples)
     train_state.log_sharding(shapes, shardings, mesh)
+    # Reads the few-shot splits and checks the shots against their classes, before any claim.
+    fewshot_runner = fewshot_loop.prepare(config, model, mesh, shardings["params"])
 
     # Process 0 locks the workdir (and with --restart moves the old run aside); the others must not
     # look at its checkpoints before that is done.
@@ -116,6 +128,7 @@ def train_and_evaluate(
     )
 
     step_options = dict(accum_steps=config.accum_steps, seed=config.seed, loss=config.loss)
+    step_options["ema_decay"] = config.get("ema_decay", 0.0)
     # Every step runs through this one program, whatever the grouping (dispatch.py says why).
     steps_fn = train_step.make_multi_step(model, tx, mesh, shardings, **step_options)
     steps_per_dispatch = config.get("steps_per_dispatch", 1)
@@ -144,19 +157,39 @@ def train_and_evaluate(
         losses.latest_saved = step
 
     def run_eval(step):
-        nonlocal last_eval_step
+        nonlocal last_eval_step, ema_results
         losses.check()  # a NaN model is not worth evaluating
         last_eval_step = step
         with meter.paused():
             results = evaluation.evaluate(eval_fn, state["params"], data, mesh)
+            if "ema_params" in state:  # the EMA weights beside the raw ones, as split 'eval_ema'
+                ema_results = evaluation.evaluate(eval_fn, state["ema_params"], data, mesh)
         writer.write(step, "eval", results)
-        progress.log(evaluation.format_eval(step, results))
+        if ema_results is not None:
+            writer.write(step, "eval_ema", ema_results)
+        progress.log(evaluation.format_eval(step, results, ema=ema_results))
         return results
 
+    def run_fewshot(step):
+        nonlocal last_fewshot_step
+        losses.check()
+        last_fewshot_step = step
+        with meter.paused():
+            results, parts = fewshot_runner.evaluate(state["params"])
+        writer.write(step, "fewshot", results)
+        progress.log(fewshot_loop.format_fewshot(step, parts, fewshot_runner.seeds))
+
     eval_results, last_eval_step, preempted, step = None, None, False, start_step
+    ema_results, last_fewshot_step = None, None
+    fewshot_every = fewshot_runner.every_steps if fewshot_runner else 0
     distributed.barrier("train loop")  # start the first step (and its compile) together
     # K steps per dispatch between the steps where the loop looks at the state (vit_jax.train.dispatch).
-    boundaries = (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
+    boundaries = (
+        config.log_every_steps,
+        config.eval_every_steps,
+        config.checkpoint_every_steps,
+        fewshot_every,
+    )
     sizes = dispatch.plan(start_step, total_steps, steps_per_dispatch, boundaries)
     if device_data is not None:
         batches = device_data.batches(start_step, sizes, steps_per_dispatch)
@@ -192,6 +225,8 @@ def train_and_evaluate(
                     writer.write(step, "train", {**scalars, **throughput})
                 if config.eval_every_steps and step % config.eval_every_steps == 0:
                     eval_results = run_eval(step)
+                if fewshot_every and step % fewshot_every == 0:
+                    run_fewshot(step)
                 if stop.should_stop(step, size):  # SIGTERM / Ctrl-C: the step is done; save it
                     if jax.process_count() > 1:  # every process says where it stopped
                         logging.warning("Process %d stops at step %d", jax.process_index(), step)
@@ -205,6 +240,8 @@ def train_and_evaluate(
                     save(step)
                 if last_eval_step != step:
                     eval_results = run_eval(step)
+                if fewshot_runner and last_fewshot_step != step:
+                    run_fewshot(step)
         losses.check()
     except stops.Aborted:
         aborted = True
@@ -218,10 +255,12 @@ def train_and_evaluate(
         progress.log(
             f"Final {config.eval_split} accuracy: {100 * eval_results['top1']:.2f}% "
             f"({int(eval_results['count'])} examples)"
+            + (f"; EMA weights: {100 * ema_results['top1']:.2f}%" if ema_results else "")
         )
     return {
         "step": step,
         "eval": eval_results,
+        "eval_ema": ema_results,  # None without EMA
         "train_losses": dict(losses.history),
         "preempted": preempted,
         "stopped_by": stop.received if preempted else None,

@@ -45,7 +45,14 @@ HARMLESS = (
     "eval_batch_size",  # evaluation only (its loss sum may round differently; top-k counts not)
     "eval_split",  # which split evaluation reports on
     "init_from",  # a resumed run starts from its own checkpoint, never from init_from
+    "fewshot.",  # few-shot evaluation (train/fewshot_loop.py): reads the params, changes none
 )
+# `ema_decay` is not harmless: the EMA weights are part of the train state and of what a run
+# yields (load_pretrained reads them by default), so a resume may not change it, nor turn it on
+# or off (the checkpoint's state would lack, or have, 'ema_params').
+# Fields added after workdirs already existed, with the value that means "as before": a
+# config.json without the field was written by a run that had this value.
+ADDED_LATER = {"ema_decay": 0.0}
 # Fields a resumed run may also change although they change the numbers by float rounding: the
 # device count and layout (the order of the gradient sums across devices) and gradient
 # accumulation (the order of the micro-batch sums; with dropout or stochastic depth it also draws
@@ -95,7 +102,8 @@ def _changed(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     old_flat, new_flat = flatten(old), flatten(new)
     changed = []
     for key in sorted(set(old_flat) | set(new_flat)):
-        a, b = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
+        a = old_flat.get(key, ADDED_LATER.get(key, "<unset>"))
+        b = new_flat.get(key, ADDED_LATER.get(key, "<unset>"))
         if _normalized(a) != _normalized(b):
             changed.append((key, a, b))
     return changed

@@ -211,9 +211,10 @@ class VitImageFolder(OwnProgress, tfds.core.GeneratorBasedBuilder):
 
 
 def image_folder_builder(
-    root: str, data_dir: str | None = None, skip_corrupt: bool = False
+    root: str, data_dir: str | None = None, skip_corrupt: bool = False, file_format=None
 ) -> VitImageFolder:
-    """The (prepared, on first use) TFDS builder of the image folder at `root`."""
+    """The (prepared, on first use) TFDS builder of the image folder at `root`; `file_format`
+    ('tfrecord' / 'array_record', None: TFDS's default) applies when it is prepared here."""
     listing = scan_folder(root)
     slug = re.sub(r"\W+", "_", os.path.basename(listing.root)).strip("_").lower()[:40] or "root"
     # Skip mode is part of the name: a copy prepared without some files must not be reused
@@ -221,7 +222,11 @@ def image_folder_builder(
     name = f"{slug}_{listing.fingerprint()}{'_skip' if skip_corrupt else ''}"
     config = tfds.core.BuilderConfig(name=name, description=f"Image folder {listing.root}")
     make_builder = lambda: VitImageFolder(
-        listing=listing, skip_corrupt=skip_corrupt, config=config, data_dir=data_dir
+        listing=listing,
+        skip_corrupt=skip_corrupt,
+        config=config,
+        data_dir=data_dir,
+        file_format=file_format,
     )
     builder = make_builder()
     if listing.num_ignored:

@@ -8,7 +8,9 @@ ViT-L/16 and the hybrid R50+ViT-B/16 (beside timm's vit_base_r50_s16_224) at 224
 After the comparison rows come probes for MFU, ours alone: batch 512, and the matmuls on cuBLAS
 instead of XLA's Triton GEMMs (an XLA option for that compilation only, as
 `python -m vit_jax.tools.benchmark --compiler_option NAME=VALUE` takes it); the JSON ends with
-`best_mfu`, our best row per variant and mode with the spec that gave it.
+`best_mfu`, our best row per variant and mode with the spec that gave it. Before them, `stablehlo`:
+a ViT-Ti/16 exported as serialized StableHLO (lowered for CPU and CUDA), reloaded and run on this
+machine's device, its logits against the JAX model's.
 
 Robust by construction: each measurement runs in its own try, its error (or skip reason) is
 recorded in the JSON, the JSON is rewritten after every measurement, and measurements that would
@@ -126,6 +128,34 @@ def attention_parity(variant: str, attention: str, reference: str = "xla") -> di
     return out
 
 
+def stablehlo_on_this_device(variant: str, tiny: bool) -> dict:
+    """A serialized StableHLO file (lowered for CPU and CUDA by `vit_jax.interop.deploy`) reloaded
+    and run on this machine's default device, against the JAX model: issue 21's GPU check."""
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from vit_jax.interop import deploy
+    from vit_jax.model import vit
+
+    config = get_config(variant, **(TINY if tiny else dict(image_size=224)))
+    model = vit.VisionTransformer(config)
+    params = vit.init_params(model, jax.random.key(0))
+    images = np.asarray(jax.random.uniform(jax.random.key(1), (3, *config.image_size, 3)) * 2 - 1)
+    expected = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.stablehlo")
+        deploy.save_pretrained(params, path, format="stablehlo", model=config)
+        logits = np.asarray(deploy.load(path)(images))
+    return {
+        "variant": variant,
+        "device": jax.devices()[0].device_kind,
+        "platform": jax.devices()[0].platform,
+        "max_abs_diff": float(np.abs(logits - expected).max()),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -166,6 +196,12 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             report["parity_cudnn_vs_xla"] = {"error": f"{type(e).__name__}: {e}"}
         write()
+    try:  # the deployed StableHLO file runs on this device (CUDA on the GPU machine)
+        report["stablehlo"] = stablehlo_on_this_device("Ti/16", args.tiny)
+        print("stablehlo:", report["stablehlo"], file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - recorded; the other runs still happen
+        report["stablehlo"] = {"error": f"{type(e).__name__}: {e}"}
+    write()
     for spec in select(plan(args.tiny), args):
         entry = {"spec": spec}
         elapsed = time.perf_counter() - started

@@ -125,6 +125,9 @@ def test_gpu_script_runs_a_tiny_plan_on_cpu_and_records_every_run(tmp_path):
     probe = report["runs"][-1]
     assert probe["report"]["compiler_options"] == probe["spec"]["compiler_options"] != {}
     assert report["best_mfu"] == {}  # MFU needs a known peak: a bf16 GPU, not CPU float32
+    # The deployed StableHLO file ran here (on the GPU machine: on CUDA) and gave our logits.
+    assert report["stablehlo"]["platform"] == "cpu", report["stablehlo"]
+    assert report["stablehlo"]["max_abs_diff"] < 1e-4
 
 
 @pytest.mark.slow  # a short real training run and a bare loop of its step

@@ -1,10 +1,13 @@
 """The package installs from a wheel and its console scripts run from any directory.
 
 Built and installed offline (no build isolation, no dependencies: those are the environment's),
-into a temporary target that is the only place `vit_jax` and `configs` can be imported from.
+into a temporary target that is the only place `vit_jax` and `configs` can be imported from. The
+wheel is built from a copy of the checkout: setuptools writes `build/` and `*.egg-info` beside the
+sources it builds, and a test leaves the user's checkout as it found it.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,7 +31,12 @@ def _pip(*args, cwd):
 def installed(tmp_path_factory):
     """(site dir, bin dir) of a fresh install of this checkout's wheel."""
     tmp = tmp_path_factory.mktemp("packaging")
-    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(REPO), cwd=tmp)
+    source = tmp / "source"
+    leave_out = (".*", "build", "dist", "*.egg-info", "workdirs", "__pycache__")  # not sources
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*leave_out), symlinks=True)
+    _pip(
+        "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(source), cwd=tmp
+    )
     (wheel,) = (tmp / "dist").glob("vit_jax-*.whl")
     _pip("install", "--no-deps", "--target", str(tmp / "site"), str(wheel), cwd=tmp)
     return wheel, tmp / "site", tmp / "site" / "bin"

@@ -1,7 +1,7 @@
 """train.py as one process per host, with real processes on localhost (2 x 2 CPU devices vs 1 x 4).
 
-The same config and seed must give the same run on any topology: the per-step losses and final
-params of 2 processes x 2 devices equal those of 1 process x 4 devices; a checkpoint written by
+The same config and seed must give the same run on any topology: the per-step losses, final
+params and few-shot accuracies of 2 processes x 2 devices equal those of 1 process x 4 devices; a checkpoint written by
 either resumes on the other and ends where the uninterrupted run ends; a SIGTERM to one process
 stops both at the same step with a checkpoint (also with several steps per dispatch); a damaged
 checkpoint and `--restart` are handled once, by process 0, with the other process waiting for it. Every child is bounded by a timeout and killed in
@@ -195,9 +195,11 @@ def copy_checkpoint(src_workdir, step, dst_workdir) -> None:
 
 @pytest.fixture(scope="module")
 def reference_runs(tmp_path_factory, digits_data_dir, compile_cache):
-    """The same 6 steps on 1 process x 4 devices and on 2 processes x 2 devices."""
+    """The same 6 steps on 1 process x 4 devices and on 2 processes x 2 devices, with few-shot
+    evaluations at steps 3 and 6 (features over the mesh, gathered once)."""
     tmp = tmp_path_factory.mktemp("runs")
-    extra = [f"--config.total_steps={STEPS}"]
+    extra = [f"--config.total_steps={STEPS}", "--config.fewshot.every_steps=3"]
+    extra += ["--config.fewshot.shots=1,5"]
     one = run(tmp, "one_by_four", 1, 4, digits_data_dir, compile_cache, extra)
     two = run(tmp, "two_by_two", 2, 2, digits_data_dir, compile_cache, extra)
     return tmp, one, two
@@ -218,6 +220,24 @@ def test_two_processes_train_exactly_like_one(reference_runs):
     assert "Topology: 2 process(es)" in (two.parent / "two_by_two.0.log").read_text()
     assert "2 local / 4 global cpu devices" in (two.parent / "two_by_two.0.log").read_text()
     assert (two.parent / "two_by_two.1.log").read_text().count("step ") == 0
+
+
+def fewshot_records(workdir) -> dict[int, dict]:
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return {r["step"]: r for r in records if r["split"] == "fewshot"}
+
+
+def test_few_shot_accuracy_on_two_processes_is_the_one_process_figure(reference_runs):
+    _, one, two = reference_runs
+    on_one, on_two = fewshot_records(one), fewshot_records(two)
+    assert sorted(on_one) == sorted(on_two) == [3, STEPS]
+    for step in on_one:
+        assert set(on_one[step]) == set(on_two[step]) >= {"digits_1shot", "digits_5shot"}
+        for key in ("digits_1shot", "digits_5shot"):
+            # Accuracies over 360 test images: the same, or one image apart where a feature
+            # sits within rounding of a decision boundary.
+            assert abs(on_one[step][key] - on_two[step][key]) <= 1 / 360 + 1e-9, (step, key)
 
 
 @pytest.mark.parametrize(

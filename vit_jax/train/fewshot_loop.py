@@ -14,6 +14,11 @@ the shots are checked against the smallest class of each train split there, befo
 features in one jitted function whose output is replicated (so every process receives all
 features, gathered once per evaluation), drops the padding, and runs `fewshot.evaluate` on the
 host: every process computes the same accuracies; process 0 logs them.
+
+The examples reach `fewshot.evaluate` in the split's own order on any topology: each process reads
+a contiguous share of the split (`tfds.even_splits`), so a global batch interleaves the shares, and
+the shots a seed draws would depend on the process count. Each row carries its (process, row)
+through the gather, and the examples are put back in (process, batch, row) order: the split's.
 """
 
 from __future__ import annotations
@@ -63,14 +68,31 @@ def _read_split(config: ml_collections.ConfigDict, dataset: str, split: str):
     data = data_lib.get_datasets(split_config)
     batches = []
     for batch in data.eval_iter():
+        rows = len(batch["image"])
         batches.append(
             {
                 "image": np.asarray(batch["image"]),
                 "label": np.asarray(batch["label"]).argmax(-1).astype(np.int32),
                 "mask": np.asarray(batch["mask"]).astype(np.float32),
+                # where the row came from: puts the examples back in the split's order
+                "process": np.full((rows,), jax.process_index(), np.int32),
+                "row": np.arange(rows, dtype=np.int32),
             }
         )
     return batches, data.num_classes
+
+
+def _in_split_order(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """Per batch (values..., process, row, mask) → each value's real rows, concatenated in
+    (process, batch, row) order: the order of the split (the module docstring says why)."""
+    values, keys = [], []
+    for index, (*arrays, process, row, mask) in enumerate(parts):
+        real = np.asarray(mask) > 0
+        values.append([np.asarray(a)[real] for a in arrays])
+        keys.append(np.stack([process[real], np.full(real.sum(), index), row[real]], -1))
+    keys = np.concatenate(keys)
+    order = np.lexsort((keys[:, 2], keys[:, 1], keys[:, 0]))
+    return tuple(np.concatenate(column)[order] for column in zip(*values, strict=True))
 
 
 def prepare(
@@ -118,33 +140,34 @@ class FewshotRunner:
         replicated = sharding.replicated(mesh)
         batch_sharding = sharding.batch_sharding(mesh)
 
+        def where(batch):
+            return batch["process"], batch["row"], batch["mask"]
+
         def features(params, batch):
             _, aux = model.apply({"params": params}, batch["image"], return_intermediates=True)
-            return aux["pre_logits"], batch["label"], batch["mask"]  # labels: as gather_labels
+            return aux["pre_logits"], *where(batch)
 
         self._features = jax.jit(
             features, in_shardings=(params_shardings, batch_sharding), out_shardings=replicated
         )
         self._gather = jax.jit(
-            lambda batch: (batch["label"], batch["mask"]),
+            lambda batch: (batch["label"], *where(batch)),
             in_shardings=(batch_sharding,),
             out_shardings=replicated,
         )
 
     def gather_labels(self, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """The real examples' labels of every process's rows (no model involved)."""
-        labels = []
-        for batch in batches:
-            label, mask = self._gather(sharding.make_global_batch(batch, self.mesh))
-            labels.append(np.asarray(label)[np.asarray(mask) > 0])
-        return np.concatenate(labels)
+        """The real examples' labels of every process's rows, in the split's order."""
+        parts = [self._gather(sharding.make_global_batch(b, self.mesh)) for b in batches]
+        (labels,) = _in_split_order([tuple(map(np.asarray, p)) for p in parts])
+        return labels
 
     def _features_of(self, params, split: _Split) -> np.ndarray:
-        features = []
-        for batch in split.batches:
-            x, _, mask = self._features(params, sharding.make_global_batch(batch, self.mesh))
-            features.append(np.asarray(x, np.float64)[np.asarray(mask) > 0])
-        return np.concatenate(features)
+        parts = [
+            self._features(params, sharding.make_global_batch(b, self.mesh)) for b in split.batches
+        ]
+        (features,) = _in_split_order([tuple(map(np.asarray, p)) for p in parts])
+        return features.astype(np.float64)
 
     def evaluate(self, params) -> tuple[dict[str, float], list[str]]:
         """({'<dataset>_<k>shot': accuracy (mean over seeds)}, one text part per dataset)."""

@@ -1,7 +1,7 @@
 """train.py as one process per host, with real processes on localhost (2 x 2 CPU devices vs 1 x 4).
 
 The same config and seed must give the same run on any topology: the per-step losses, final
-params and few-shot accuracies of 2 processes x 2 devices equal those of 1 process x 4 devices; a checkpoint written by
+params, EMA weights and few-shot accuracies of 2 processes x 2 devices equal those of 1 x 4; a checkpoint written by
 either resumes on the other and ends where the uninterrupted run ends; a SIGTERM to one process
 stops both at the same step with a checkpoint (also with several steps per dispatch); a damaged
 checkpoint and `--restart` are handled once, by process 0, with the other process waiting for it. Every child is bounded by a timeout and killed in
@@ -151,9 +151,14 @@ class Run:
         )
 
 
+# The runs of this file keep an EMA of the weights too (part of the train state, sharded like the
+# params): it must come out the same on every topology and through every resume.
+EMA = ["--config.ema_decay=0.9"]
+
+
 def run(tmp_path, name, processes, devices, data_dir, cache_dir, extra=()) -> pathlib.Path:
     workdir = tmp_path / name
-    r = Run(workdir, processes, devices, data_dir, cache_dir, extra)
+    r = Run(workdir, processes, devices, data_dir, cache_dir, [*EMA, *extra])
     try:
         r.check()
     finally:
@@ -167,8 +172,8 @@ def train_losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}  # last write wins
 
 
-def final_params(workdir):
-    _, params = checkpoints.read_model(workdir)
+def final_params(workdir, weights="raw"):
+    _, params = checkpoints.read_model(workdir, weights=weights)
     return params
 
 
@@ -215,6 +220,7 @@ def test_two_processes_train_exactly_like_one(reference_runs):
         rtol=1e-5,
     )
     assert_same_params(final_params(two), final_params(one))
+    assert_same_params(final_params(two, "ema"), final_params(one, "ema"))
     # Only process 0 writes logs: one TensorBoard file, one metrics line per step.
     assert len(list(two.glob("events.out.tfevents.*"))) == 1
     assert "Topology: 2 process(es)" in (two.parent / "two_by_two.0.log").read_text()
@@ -270,6 +276,7 @@ def test_checkpoint_resumes_on_another_process_count(
         [losses[s] for s in (4, 5, 6)], [reference[s] for s in (4, 5, 6)], rtol=1e-5
     )
     assert_same_params(final_params(resumed), final_params(one))
+    assert_same_params(final_params(resumed, "ema"), final_params(one, "ema"))
 
 
 def test_a_damaged_checkpoint_is_moved_aside_once_and_both_resume_from_the_previous_one(
@@ -289,6 +296,7 @@ def test_a_damaged_checkpoint_is_moved_aside_once_and_both_resume_from_the_previ
     assert (damaged / checkpoints.DAMAGED_DIR / str(STEPS) / "integrity").is_dir()
     assert checkpoints.TrainCheckpoints(damaged / "checkpoints").all_steps() == [3, STEPS]
     assert_same_params(final_params(damaged), final_params(one))
+    assert_same_params(final_params(damaged, "ema"), final_params(one, "ema"))
 
 
 def test_restart_moves_the_previous_run_aside_before_any_process_reads_it(

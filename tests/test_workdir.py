@@ -41,6 +41,17 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_is_not_stale(tmp_path)
     workdir.Workdir(str(tmp_path / "w")).check_not_in_use()  # no stale lock
 
 
+def test_the_processes_of_one_run_probing_the_lock_together_do_not_refuse_each_other(tmp_path):
+    import fcntl
+
+    (tmp_path / "w").mkdir()
+    lock = tmp_path / "w" / ".lock"
+    lock.write_text("pid 1 on host since then\n")  # a finished run's lock file stays behind
+    with open(lock) as other_probe:  # another process of the run probing at this moment
+        fcntl.flock(other_probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        workdir.Workdir(str(tmp_path / "w")).check_not_in_use()
+
+
 def test_harmless_fields_may_change_but_not_the_recipe():
     old = {"seed": 0, "log_every_steps": 10, "mesh": {"data": -1}, "optim": {"learning_rate": 1e-3}}
     harmless = {**old, "log_every_steps": 5, "mesh": {"data": 2}, "steps_per_dispatch": 8}

@@ -52,7 +52,16 @@ HARMLESS = (
 # or off (the checkpoint's state would lack, or have, 'ema_params').
 # Fields added after workdirs already existed, with the value that means "as before": a
 # config.json without the field was written by a run that had this value.
-ADDED_LATER = {"ema_decay": 0.0}
+# `distill.*` is not harmless either: the teacher and the loss are what the student trains on.
+ADDED_LATER = {
+    "ema_decay": 0.0,
+    "distill.teacher": "",  # no distillation
+    "distill.pretrained": "",
+    "distill.kind": "soft",
+    "distill.temperature": 1.0,
+    "distill.weight": 0.5,
+    "distill.bf16": False,
+}
 # Fields a resumed run may also change although they change the numbers by float rounding: the
 # device count and layout (the order of the gradient sums across devices) and gradient
 # accumulation (the order of the micro-batch sums; with dropout or stochastic depth it also draws
@@ -155,11 +164,14 @@ class Workdir:
         integrity.check_writable(self.path)
 
     def check_not_in_use(self) -> None:
+        """Refuses a workdir whose lock a live trainer holds. Every process of a run probes (so
+        all of them stop, not only process 0), at the same moment: with a shared lock, so that
+        two probes never take each other for a trainer; a trainer holds it exclusively."""
         if self.remote or not os.path.exists(self._lock_path):
             return
         fd = os.open(self._lock_path, os.O_RDONLY)
         try:
-            self._try_lock(fd)
+            self._try_lock(fd, shared=True)
         finally:
             os.close(fd)  # closing releases the probe's lock
 
@@ -256,11 +268,11 @@ class Workdir:
         if self.restart:
             self._move_previous_run_aside()
 
-    def _try_lock(self, fd: int) -> None:
+    def _try_lock(self, fd: int, shared: bool = False) -> None:
         import fcntl
 
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = pathlib.Path(self._lock_path).read_text().strip() or "another process"
             raise WorkdirConflictError(

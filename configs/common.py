@@ -169,4 +169,26 @@ def get_config() -> ml_collections.ConfigDict:
             seeds=(0,),  # one draw of the shots per seed; the accuracy is their mean
         )
     )
+    # Knowledge distillation from a frozen teacher run inside the train step
+    # (vit_jax/train/distill.py): sharded like the student, not in the train state; the teacher
+    # sees the student's batch, resized and normalized to its own image size and input convention.
+    # The log states its cost per step. Part of what a run is: a resume may not change them.
+    config.distill = ml_collections.ConfigDict(
+        dict(
+            # '' = off; else anything vit_jax.load_pretrained reads (a workdir, .npz, timm or HF
+            # file; with `pretrained`, a model name such as 'ViT-B/16'). Its class count must be
+            # the data's.
+            teacher="",
+            # a public checkpoint name of `teacher` (vit_jax.list_pretrained()); '' = none
+            pretrained="",
+            # 'soft': (1-w)·CE(labels) + w·T²·KL(teacher/T || student/T) (Hinton, DeiT);
+            # 'hard': (1-w)·CE(labels) + w·CE(argmax teacher) (DeiT); 'function_matching':
+            # T²·KL only, on the same augmented batch (Beyer et al. 2022). A student with a
+            # distillation token gets the distillation term on head_dist, CE on head.
+            kind="soft",
+            temperature=1.0,  # T (> 0) of 'soft' and 'function_matching'
+            weight=0.5,  # w in [0, 1] of 'soft' and 'hard'
+            bf16=False,  # run the teacher (params and activations) in bfloat16 (half its memory)
+        )
+    )
     return config

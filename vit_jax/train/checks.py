@@ -16,6 +16,7 @@ import os
 import ml_collections
 
 from vit_jax import sharding
+from vit_jax.train import distill
 from vit_jax.train.step import LOSSES
 
 
@@ -106,6 +107,7 @@ def validate_training(config) -> None:
         "must be in [0, 1) (0 = no EMA; e.g. 0.999 averages over ~1000 steps)",
     )
     check_fewshot(config.get("fewshot"))
+    distill.check_fields(config.get("distill"))  # the teacher itself is read by plan_run
 
 
 def check_fewshot(fewshot) -> None:

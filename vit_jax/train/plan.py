@@ -7,7 +7,9 @@ ValueError naming the field, before any compute):
   2. the data: the one place a run opens its dataset (`vit_jax.data.get_datasets`);
   3. the run's length (`checks.total_steps_of`) and the model the data decides (`vit_config_for`);
   4. the optimizer and its schedule, the train state's shapes (`jax.eval_shape`, nothing
-     allocated) and where each array of it lives (`sharding.tree_shardings`).
+     allocated) and where each array of it lives (`sharding.tree_shardings`);
+  5. with `config.distill.teacher`, the teacher (`distill.load_teacher`): read, its class count
+     checked against the data's, placed on the mesh like the student. No part of the state.
 The state itself is made later (`state.initial_state`), directly with those shardings.
 """
 
@@ -24,7 +26,7 @@ import optax
 from vit_jax import sharding
 from vit_jax.model.config import ViTConfig
 from vit_jax.model.vit import VisionTransformer, param_shapes
-from vit_jax.train import checks, optim
+from vit_jax.train import checks, distill, optim
 from vit_jax.train import state as train_state
 
 
@@ -41,6 +43,7 @@ class RunPlan:
     lr_schedule: Callable[[int], Any]
     shapes: dict  # the train state (+ 'ema_params' with EMA) as ShapeDtypeStructs
     shardings: dict  # a NamedSharding per array of the train state
+    teacher: distill.Teacher | None = None  # config.distill's teacher, on the mesh (None: off)
 
     @property
     def vit_config(self) -> ViTConfig:
@@ -110,4 +113,7 @@ def plan_run(
     shardings = sharding.tree_shardings(
         shapes, mesh, config.fsdp_min_size, config.get("sharding_rules", ())
     )
-    return RunPlan(config, mesh, data, total_steps, model, tx, lr_schedule, shapes, shardings)
+    teacher = distill.load_teacher(config, mesh, data.num_classes)
+    return RunPlan(
+        config, mesh, data, total_steps, model, tx, lr_schedule, shapes, shardings, teacher
+    )

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vit_jax import sharding as sharding_lib
 from vit_jax.model.vit import VisionTransformer
+from vit_jax.train import distill as distill_lib
 from vit_jax.train import evaluation
 
 
@@ -72,6 +73,8 @@ def make_train_step(
     The trainer runs `make_multi_step`'s program instead: the same step, but compiled as a loop
     body, which rounds differently in the last bits (see there).
     """
+    if step_options.get("teacher") is not None:
+        raise ValueError("make_train_step does not distill; use make_multi_step (the trainer's)")
     step = train_step_fn(model, tx, mesh, **step_options)
     return _jit_step(step, state_shardings, sharding_lib.batch_sharding(mesh), mesh)
 
@@ -106,17 +109,18 @@ def make_multi_step(
     (tests/test_harmless_fields.py and tests/test_stop_signals.py check it.)
     """
     step = train_step_fn(model, tx, mesh, **step_options)
+    teacher = step_options.get("teacher")
 
-    def multi_step(state, batches, n):
+    def multi_step(state, batches, n, teacher_params):
         size = jax.tree.leaves(batches)[0].shape[0]
         first = jax.tree.map(lambda x: x[0], batches)
-        shapes = jax.eval_shape(step, state, first)[1]
+        shapes = jax.eval_shape(step, state, first, teacher_params)[1]
         metrics = jax.tree.map(lambda s: jnp.zeros((size, *s.shape), s.dtype), shapes)
 
         def body(i, carry):
             state, metrics = carry
             batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, False), batches)
-            state, out = step(state, batch)
+            state, out = step(state, batch, teacher_params)
             metrics = jax.tree.map(
                 lambda m, v: jax.lax.dynamic_update_index_in_dim(m, v, i, 0), metrics, out
             )
@@ -127,16 +131,21 @@ def make_multi_step(
     replicated = sharding_lib.replicated(mesh)
     jitted = jax.jit(
         multi_step,
-        in_shardings=(state_shardings, sharding_lib.stacked_batch_sharding(mesh), replicated),
+        in_shardings=(
+            state_shardings,
+            sharding_lib.stacked_batch_sharding(mesh),
+            replicated,
+            teacher.shardings if teacher is not None else None,
+        ),
         out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
+        donate_argnums=(0,),  # the state only: the teacher's params are read by every call
     )
     counts: dict[int, jax.Array] = {}  # n as a global array (the same on every process), made once
 
     def run(state, batches, n: int):
         if n not in counts:
             counts[n] = jax.make_array_from_callback((), replicated, lambda _: np.int32(n))
-        return jitted(state, batches, counts[n])
+        return jitted(state, batches, counts[n], teacher.params if teacher is not None else None)
 
     return run
 
@@ -160,7 +169,9 @@ def train_step_fn(
     seed: int = 0,
     loss: str = "softmax_xent",
     ema_decay: float = 0.0,
-) -> Callable[[dict, dict], tuple[dict, dict]]:
+    teacher: distill_lib.Teacher | None = None,
+    student_preprocessing: Any = None,
+) -> Callable[..., tuple[dict, dict]]:
     """The (un-jitted) step `(state, batch) -> (state, metrics)`.
 
     `batch` = {'image' (B, H, W, C), 'label' (B, K) targets}. The step averages the gradients of
@@ -170,22 +181,53 @@ def train_step_fn(
     any number of devices (JAX's partitionable threefry makes random bits independent of sharding).
     metrics: 'loss' (mean over the batch) and 'grad_norm' (global, before clipping).
     `ema_decay` > 0: the state also holds 'ema_params', updated after each step (`update_ema`).
+    `teacher` (a `distill.Teacher`): the loss is `distill.per_example_loss` against the teacher's
+    logits of the same (micro-)batch, converted from `student_preprocessing` (the student's input
+    convention) to the teacher's; the step then takes the teacher's params as a third argument,
+    under `stop_gradient` (only the student's params are differentiated). A student with a
+    distillation token gives (class head, distillation head) logits to it.
     """
     # A stream of its own: `key(seed)` itself initializes the parameters.
     base_key = jax.random.fold_in(jax.random.key(seed), 1)
     per_example_loss = get_loss(loss)
 
-    def loss_fn(params, images, targets, rng):
-        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
-        return per_example_loss(logits, targets).mean()
+    def loss_fn(params, images, targets, rng, teacher_params=None):
+        if teacher is None:
+            logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+            return per_example_loss(logits, targets).mean()
+        return distilled_loss(params, images, targets, rng, teacher_params)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    def distilled_loss(params, images, targets, rng, teacher_params):
+        if model.config.distillation_token:
+            _, aux = model.apply(
+                {"params": params},
+                images,
+                train=True,
+                rngs={"dropout": rng},
+                return_intermediates=True,
+            )
+            heads = aux["head_logits"]
+        else:
+            heads = (model.apply({"params": params}, images, train=True, rngs={"dropout": rng}),)
+        teacher_logits = teacher.logits(teacher_params, images, student_preprocessing)
+        losses = distill_lib.per_example_loss(
+            heads,
+            targets,
+            teacher_logits,
+            kind=teacher.kind,
+            temperature=teacher.temperature,
+            weight=teacher.weight,
+            label_loss=per_example_loss,
+        )
+        return losses.mean()
 
-    def train_step(state, batch):
+    grad_fn = jax.value_and_grad(loss_fn)  # w.r.t. the student's params only
+
+    def train_step(state, batch, teacher_params=None):
         params = state["params"]
         rng = jax.random.fold_in(base_key, state["step"])
         if accum_steps == 1:
-            loss, grads = grad_fn(params, batch["image"], batch["label"], rng)
+            loss, grads = grad_fn(params, batch["image"], batch["label"], rng, teacher_params)
         else:
             micro = {
                 k: split_micro_batches(batch[k], accum_steps, mesh) for k in ("image", "label")
@@ -198,6 +240,7 @@ def train_step_fn(
                     micro_batch["image"],
                     micro_batch["label"],
                     jax.random.fold_in(rng, index),
+                    teacher_params,
                 )
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 

@@ -6,6 +6,7 @@
   math        vit_jax.train.optim            optax optimizer and schedule
               vit_jax.train.step       loss, accumulated gradients, eval sums (jitted)
   checks      vit_jax.train.checks    training fields, run length, batch sizes vs the mesh
+  teacher     vit_jax.train.distill   knowledge distillation: the frozen teacher and the losses
   evaluation  vit_jax.train.evaluation       the eval metrics (METRICS) and one pass over the eval split
   watching    vit_jax.train.loss_watch       NaN/inf losses stop the run, fetched without stalling
   storage     vit_jax.checkpoints      Orbax save / resume
@@ -38,6 +39,7 @@ from vit_jax.model import vit
 from vit_jax.train import (
     checks,
     dispatch,
+    distill,
     evaluation,
     fewshot_loop,
     loss_watch,
@@ -129,6 +131,11 @@ def train_and_evaluate(
 
     step_options = dict(accum_steps=config.accum_steps, seed=config.seed, loss=config.loss)
     step_options["ema_decay"] = config.get("ema_decay", 0.0)
+    # The input convention travels with the model, so predict/convert apply it without being told.
+    preprocessing = input_convention.for_training(config.dataset, data.image_shape[-1])
+    if run.teacher is not None:  # frozen, an argument of the step of its own (distill.py)
+        step_options.update(teacher=run.teacher, student_preprocessing=preprocessing)
+        progress.log(distill.cost_line(run.teacher, model, config.batch_size))
     # Every step runs through this one program, whatever the grouping (dispatch.py says why).
     steps_fn = train_step.make_multi_step(model, tx, mesh, shardings, **step_options)
     steps_per_dispatch = config.get("steps_per_dispatch", 1)
@@ -147,8 +154,7 @@ def train_and_evaluate(
         "device_count": jax.device_count(),
     }
 
-    # The input convention travels with the model, so predict/convert apply it without being told.
-    convention = input_convention.for_training(config.dataset, data.image_shape[-1]).to_dict()
+    convention = preprocessing.to_dict()
 
     def save(step):
         losses.check()  # never write a state that a NaN has reached

@@ -174,3 +174,15 @@ def assert_finished(lines: list[str], desc: str, total: int | str) -> None:
     assert line is not None, (desc, lines)
     assert f"{total}/{total}" in line and "100%" in line, line
     assert "?" not in line and "<00:00" in line, line
+
+
+def sigterm_at(step: int):
+    """An `on_batch` callback (tests/test_trainer.FakeData) that sends this process SIGTERM when
+    batch `step` is drawn: a preemption in the middle of an in-process run."""
+    import signal
+
+    def on_batch(current):
+        if current == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return on_batch

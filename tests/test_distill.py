@@ -8,14 +8,13 @@ on host batches (test_trainer.FakeData): the step resizes the student's batch fo
 
 import json
 import os
-import signal
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_params_identical, run_with_devices
+from helpers import assert_params_identical, run_with_devices, sigterm_at
 from test_trainer import FakeData, tiny_config
 
 from vit_jax import checkpoints
@@ -253,12 +252,8 @@ def test_a_preempted_distilled_run_resumes_bit_identically(distilled_run, tmp_pa
         pytest.skip("SIGTERM handlers can only be installed from the main thread")
     config, ref, ref_result = distilled_run
 
-    def preempt_at(step):
-        if step == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     work = str(tmp_path / "resumed")
-    first = trainer.train_and_evaluate(config, work, data=FakeData(config, on_batch=preempt_at))
+    first = trainer.train_and_evaluate(config, work, data=FakeData(config, on_batch=sigterm_at(6)))
     assert first["preempted"] and 4 < first["step"] < 12
     other = distill_config(config.distill.teacher, checkpoint_every_steps=5, log_every_steps=3)
     other.steps_per_dispatch = 8

@@ -16,7 +16,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from helpers import TINY_CONFIG, assert_params_identical, train_py
+from helpers import TINY_CONFIG, assert_params_identical, sigterm_at, train_py
 from test_bad_input import run_cli  # noqa: F401  (the fixture: a CLI's main in-process)
 from test_stop_signals import signal_after_step
 from test_trainer import FakeData, tiny_config
@@ -105,14 +105,8 @@ def test_a_preempted_run_resumes_with_bit_identical_ema_params(tmp_path):
     config = tiny_config(checkpoint_every_steps=4, ema_decay=0.9)
     ref = trainer.train_and_evaluate(config, str(tmp_path / "ref"), data=FakeData(config))
 
-    def preempt_at(step):
-        if step == 6:
-            import os
-
-            os.kill(os.getpid(), signal.SIGTERM)
-
     work = str(tmp_path / "resumed")
-    first = trainer.train_and_evaluate(config, work, data=FakeData(config, on_batch=preempt_at))
+    first = trainer.train_and_evaluate(config, work, data=FakeData(config, on_batch=sigterm_at(6)))
     assert first["preempted"] and 4 < first["step"] < 12
     other = tiny_config(checkpoint_every_steps=5, log_every_steps=3, ema_decay=0.9)
     other.steps_per_dispatch = 8

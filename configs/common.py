@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.update(DATA_DEFAULTS)
     config.data_dir = config_dict.placeholder(str)
     config.pp = ml_collections.ConfigDict(dict(PREPROCESSING_DEFAULTS))
+    config.pp.scale_range = config_dict.placeholder(tuple)  # None by default, settable from flags
 
     # Model: every `vit_jax.ViTConfig` field except image_size, num_classes and num_channels (those
     # come from the data). `model.dtype` is the activation dtype (mixed precision: 'bfloat16'

@@ -29,7 +29,7 @@ scale in this repository): ViT-B/16 ImageNet-only 77.9% ImageNet top-1; ViT-B/16
 ImageNet-21k 84.0%.
 
 Offline, on generated fractals (FractalDB-style, `vit_jax/data/builders/fractals.py`; prepared on
-first use into `config.data_dir`, ~370-560 32-px images/s per core)::
+first use into `config.data_dir`, ~1,300 32-px images/s per core)::
 
   python train.py --config configs/pretrain.py:ViT-Ti/4,fractaldb/c100_i100_r32 \
       --workdir workdirs/fractal_ti4 --config.data_dir=DIR
@@ -46,7 +46,9 @@ ViT-Ti/4 at 32 px (65 tokens, 5.4 M parameters) trained at 3 img/s wall (12 step
 `--config.total_steps=12`; the process got ~6 CPU-minutes in 24.5 min, so an idle machine should
 do several times better: an estimate, not measured), so the toy's 30 epochs (300,000 images) are a
 job for an accelerator; `--config.total_epochs` shortens it. Preparing `c100_i100_r32` took 69 s
-with 2 workers here.
+with 2 workers here. A model that does pre-train here in minutes is the digits recipe's own
+(`configs/digits.py:fractal`, 215k parameters, 10 epochs of `c100_i300_r32`): its transfer to
+digits is the README's table (`python benchmarks/digits_tables.py transfer`).
 """
 
 import ml_collections

@@ -74,6 +74,8 @@ CASES = [
     ("grad_clip", "train", ["--config.optim.grad_clip_norm=-2.0"], 1, "grad_clip_norm=-2.0"),
     ("mixup", "train", ["--config.pp.mixup_alpha=-0.5"], 1, "mixup_alpha=-0.5"),
     ("smoothing", "train", ["--config.pp.label_smoothing=1.5"], 1, "label_smoothing=1.5"),
+    ("rotate", "train", ["--config.pp.rotate_degrees=-5"], 1, "rotate_degrees=-5.0"),
+    ("scale", "train", ["--config.pp.scale_range=(1.2,0.8)"], 1, "scale_range=(1.2, 0.8)"),
     ("keep_zero", "train", ["--config.keep_checkpoints=0"], 1, "keep_checkpoints=0"),
     ("length", "train", ["--config.total_steps=-5"], 1, "total_steps=-5"),
     ("log_every", "train", ["--config.log_every_steps=-1"], 1, "log_every_steps=-1"),

@@ -99,6 +99,37 @@ def _check_translate_pixels():
     assert seen - {(0, 0)}  # it moved the image, by at most 2 pixels each way
 
 
+def _check_rotate_degrees():
+    import tensorflow as tf
+    from scipy.optimize import minimize_scalar
+
+    def angle_of(image):  # the rotation of the source (black outside) closest to `image`
+        def error(degrees):
+            warped = preprocess.rotate_and_scale(tf.constant(PLAIN + 1.0), degrees, 1.0).numpy()
+            return np.abs(image - (warped - 1.0)).max()
+
+        coarse = min(np.arange(-20.0, 20.5, 1.0), key=error)
+        bounds = (coarse - 1, coarse + 1)
+        return minimize_scalar(error, bounds=bounds, method="bounded", options=dict(xatol=1e-5))
+
+    angles = []
+    for seed in SEEDS:
+        best = angle_of(_train(seed, rotate_degrees=20.0)[0])
+        assert best.fun < 1e-3 and abs(best.x) <= 20.0 + 1e-3, (seed, best)
+        angles.append(best.x)
+    assert np.ptp(angles) > 5  # the angle varies from seed to seed
+
+
+def _check_scale_range():
+    import tensorflow as tf
+
+    image, _ = _train(0, scale_range=(2.0, 2.0))  # a fixed zoom: exactly that warp
+    zoomed = preprocess.rotate_and_scale(tf.constant(PLAIN + 1.0), 0.0, 2.0).numpy() - 1.0
+    np.testing.assert_allclose(image, zoomed, atol=1e-4)
+    sizes = {float(np.abs(_train(s, scale_range=(0.5, 1.0))[0] + 1.0).sum()) for s in SEEDS}
+    assert len(sizes) == len(SEEDS)  # a random zoom out per seed (more or less black border)
+
+
 def _check_label_smoothing():
     image, label = _train(0, label_smoothing=0.2)
     np.testing.assert_allclose(label, [0.05, 0.05, 0.85, 0.05], rtol=1e-6)
@@ -161,6 +192,8 @@ AUGMENTATION_CHECKS = {
     "crop_aspect_range": _check_crop_aspect_range,
     "flip": _check_flip,
     "translate_pixels": _check_translate_pixels,
+    "rotate_degrees": _check_rotate_degrees,
+    "scale_range": _check_scale_range,
     "label_smoothing": _check_label_smoothing,
     "mixup_alpha": _check_mixup_alpha,
     "randaugment_layers": _check_randaugment_layers,

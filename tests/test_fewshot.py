@@ -98,3 +98,43 @@ def test_the_command_line_evaluates_a_workdir(tiny_workdir, digits_data_dir, tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("FATAL ") and "larger than the smallest class" in err
     assert len(err.splitlines()) == 1
+
+
+def test_random_init_evaluates_the_architecture_with_fresh_weights(
+    tiny_workdir, digits_data_dir, tmp_path, capsys
+):
+    """`--random_init SEED`: the baseline is the checkpoint's model with `init_params(key(SEED))`,
+    evaluated exactly as the trained weights are."""
+    import jax
+
+    from vit_jax.interop import load
+    from vit_jax.model.vit import VisionTransformer, init_params
+    from vit_jax.tools import fewshot as fewshot_cli
+
+    out = tmp_path / "random.json"
+    argv = ["--checkpoint", tiny_workdir, "--dataset", "digits", "--data_dir", digits_data_dir]
+    argv += ["--shots", "2", "--seeds", "0", "--random_init", "3", "--json_out", str(out)]
+    assert fewshot_cli.main(argv) == 0
+    assert "(its architecture, random weights of seed 3)" in capsys.readouterr().out
+
+    loaded = load.load_checkpoint(tiny_workdir)
+    model = VisionTransformer(loaded.config)
+    params = init_params(model, jax.random.key(3))
+    splits = [
+        fewshot_cli.read_split("digits", split, loaded.config, digits_data_dir, 256)
+        for split in ("train", "test")
+    ]
+    x_train, x_test = (
+        fewshot.extract_features(
+            model, params, fewshot_cli.to_convention(s[0], loaded.preprocessing)
+        )
+        for s in splits
+    )
+    (expected,) = fewshot.evaluate(
+        x_train, splits[0][1], x_test, splits[1][1], shots=[2], seeds=[0], num_classes=10
+    )
+    assert json.loads(out.read_text())[0]["accuracy"] == expected.accuracy
+    trained = fewshot.extract_features(
+        model, loaded.params, fewshot_cli.to_convention(splits[1][0][:8], loaded.preprocessing)
+    )
+    assert not np.allclose(trained, x_test[:8])  # the trained weights were not used

@@ -6,10 +6,11 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 from helpers import REPO, subprocess_env
 
 from vit_jax import sharding
-from vit_jax.data import on_device
+from vit_jax.data import on_device, preprocess
 
 N, SIZE, BATCH = 10, 6, 4
 
@@ -56,17 +57,26 @@ def test_labels_follow_their_images():
     np.testing.assert_array_equal(np.argmax(batch["label"], -1), example_ids(batch) % 3)
 
 
-def test_a_restart_and_grouped_steps_give_the_same_batches():
-    data = make_data(flip=True, translate_pixels=2, mixup_alpha=0.2, label_smoothing=0.1)
+AUGMENTED = dict(flip=True, translate_pixels=2, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize(
+    "augment",
+    [
+        dict(AUGMENTED, mixup_alpha=0.2),
+        dict(AUGMENTED, rotate_degrees=10.0, scale_range=(0.9, 1.1)),
+    ],
+    ids=["mixup", "rotate_and_scale"],
+)
+def test_a_restart_and_grouped_steps_give_the_same_batches(augment):
+    data = make_data(**augment)
     singles = [data.batch(step) for step in range(6)]
     (_, restarted), *_ = data.batches(4, [1])
     np.testing.assert_array_equal(restarted["image"][0], singles[4]["image"])
     (size, padded), *_ = data.batches(4, [2], stack=3)  # the trainer's K=3 program, 2 steps used
     assert size == 2 and padded["image"].shape[0] == 3
     np.testing.assert_array_equal(padded["image"][1], singles[5]["image"])
-    group = make_data(flip=True, translate_pixels=2, mixup_alpha=0.2, label_smoothing=0.1).batch(
-        2, size=3
-    )
+    group = make_data(**augment).batch(2, size=3)
     for k in range(3):
         for key in ("image", "label"):
             np.testing.assert_allclose(group[key][k], singles[2 + k][key], rtol=1e-6)
@@ -166,3 +176,38 @@ def test_the_batches_are_the_same_on_one_device_and_on_four():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "same"
+
+
+@pytest.mark.parametrize("degrees, scale", [(23.0, 1.15), (-40.0, 0.8), (0.0, 1.3)])
+def test_rotation_and_scaling_are_the_same_map_in_jax_and_in_tf(degrees, scale):
+    """The on-device path and the tf.data path warp alike (9x7: rows and columns not swapped)."""
+    image = np.random.default_rng(1).uniform(0, 255, (9, 7, 2)).astype(np.float32)
+    ours = np.asarray(on_device.rotate_and_scale(image, degrees, scale))
+    theirs = preprocess.rotate_and_scale(tf.constant(image), degrees, scale).numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+    assert not np.allclose(ours, image)
+
+
+def test_a_quarter_turn_is_rot90_and_no_warp_is_the_identity():
+    image = np.random.default_rng(2).uniform(0, 255, (7, 7, 1)).astype(np.float32)
+    for warp in (on_device.rotate_and_scale, preprocess.rotate_and_scale):
+        np.testing.assert_allclose(np.asarray(warp(image, 0.0, 1.0)), image, atol=1e-3)
+        # counter-clockwise as displayed (row 0 on top), np.rot90's direction
+        np.testing.assert_allclose(np.asarray(warp(image, 90.0, 1.0)), np.rot90(image), atol=1e-3)
+
+
+def test_random_rotations_vary_per_example_keep_the_centre_and_fill_with_black():
+    images = np.full((N, SIZE + 1, SIZE + 1, 1), 200.0, np.float32)  # odd: a centre pixel
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+    config = make_config(rotate_degrees=30.0)
+    config.image_size = SIZE + 1
+    data = on_device.DeviceTrainData(images, np.zeros(N, int), config, 3, mesh)
+    out = np.concatenate([np.asarray(data.batch(s)["image"]) for s in range(3)]) * 127.5 + 127.5
+    np.testing.assert_allclose(out[:, SIZE // 2, SIZE // 2], 200.0, atol=1e-3)
+    corners = out[:, 0, 0, 0]
+    assert corners.min() < 200.0 - 1 and len(np.unique(corners.round(2))) > 3  # black comes in
+    # a zoom in by a fixed 1.5 is that warp of every example, and nothing black comes in
+    config = make_config(scale_range=(1.5, 1.5))
+    config.image_size = SIZE + 1
+    data = on_device.DeviceTrainData(images, np.zeros(N, int), config, 3, mesh)
+    np.testing.assert_allclose(np.asarray(data.batch(0)["image"]) * 127.5 + 127.5, 200.0, atol=1e-3)

@@ -34,6 +34,8 @@ PREPROCESSING_DEFAULTS = dict(
     crop_aspect_range=(3 / 4, 4 / 3),  # aspect ratios the Inception crop may take.
     flip=True,  # random horizontal flips when training.
     translate_pixels=0,  # random shifts of up to this many output pixels, black fill.
+    rotate_degrees=0.0,  # random rotations by up to ± this angle about the centre; 0 = off.
+    scale_range=None,  # random zoom about the centre by a factor in (min, max); None = off.
     label_smoothing=0.0,  # ε: train targets (1-ε)·onehot + ε/K, applied once, by the pipeline.
     mixup_alpha=0.0,  # mixup with λ ~ Beta(α, α) per batch; 0 = off.
     randaugment_layers=0,  # RandAugment ops per image (vit_jax.data.randaugment); 0 = off.

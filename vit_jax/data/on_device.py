@@ -6,7 +6,8 @@ the train split is decoded and resized once, put on every device, and each globa
 and augmented there by one jitted function of (seed, step), dispatched ahead of the step:
 
   order     one permutation of the split per epoch, from (seed, epoch): every example once an epoch
-  augment   flip and random translation (zero fill) per example, keyed on its (epoch, index)
+  augment   flip, random rotation and scaling (bilinear, zero fill) and random translation (zero
+            fill) per example, keyed on its (epoch, index)
   labels    one-hot with label smoothing; mixup with one lam per global batch, row k mixed with
             row k - 1 of the global batch (the tf.data pipeline's convention)
 
@@ -32,6 +33,7 @@ from vit_jax import sharding as sharding_lib
 
 MAX_BYTES = 512 * 2**20  # the decoded split, float32, on every device
 _ORDER, _AUGMENT, _MIXUP = 0, 1, 2  # streams folded from the seed
+_AFFINE = 3  # folded into an example's augment key
 
 
 def unsupported(pp, num_examples: int, batch_size: int, image_shape) -> str | None:
@@ -55,20 +57,49 @@ class _Augment(NamedTuple):
     translate_pixels: int
     label_smoothing: float
     mixup_alpha: float
+    rotate_degrees: float
+    scale_range: tuple[float, float] | None
 
     @classmethod
     def of(cls, pp) -> _Augment:
+        scale = pp.get("scale_range")
         return cls(
             bool(pp.flip), int(pp.translate_pixels), float(pp.label_smoothing),
-            float(pp.mixup_alpha),
+            float(pp.mixup_alpha), float(pp.get("rotate_degrees", 0.0)),
+            None if scale is None else (float(scale[0]), float(scale[1])),
         )  # fmt: skip
+
+
+def rotate_and_scale(image, degrees, scale):
+    """Rotates `image` (HWC) by `degrees` (counter-clockwise as displayed, row 0 on top) and
+    zooms it by `scale` about its centre: bilinear, black outside (each output pixel samples the
+    input where the inverse map sends it; `preprocess.rotate_and_scale` is the same in TF)."""
+    h, w = image.shape[:2]
+    angle = jnp.deg2rad(degrees)
+    cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
+    y, x = jnp.meshgrid(jnp.arange(h) - (h - 1) / 2, jnp.arange(w) - (w - 1) / 2, indexing="ij")
+    source_y = cos * y + sin * x + (h - 1) / 2
+    source_x = cos * x - sin * y + (w - 1) / 2
+    channels = [
+        jax.scipy.ndimage.map_coordinates(image[..., c], [source_y, source_x], order=1, cval=0.0)
+        for c in range(image.shape[-1])
+    ]
+    return jnp.stack(channels, axis=-1)
 
 
 def _augment(image, key, aug: _Augment):
     """One example: [0, 255] float HWC -> augmented, still [0, 255]."""
     flip_key, shift_key = jax.random.split(key)
+    # Streams of their own: runs without rotation or scaling keep their batches bit for bit.
+    angle_key, scale_key = jax.random.split(jax.random.fold_in(key, _AFFINE))
     if aug.flip:
         image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
+    if aug.rotate_degrees or aug.scale_range:
+        r = aug.rotate_degrees
+        degrees = jax.random.uniform(angle_key, (), minval=-r, maxval=r)
+        low, high = aug.scale_range or (1.0, 1.0)
+        scale = jax.random.uniform(scale_key, (), minval=low, maxval=high)
+        image = rotate_and_scale(image, degrees, scale)
     pixels = aug.translate_pixels
     if pixels:
         padded = jnp.pad(image, ((pixels, pixels), (pixels, pixels), (0, 0)))

@@ -9,6 +9,7 @@ happens after shuffling, and only inside the crop for JPEGs) or as already-decod
 tensors (datasets that store raw arrays).
 """
 
+import math
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -109,6 +110,36 @@ def random_translate(image: tf.Tensor, seed, pixels: int) -> tf.Tensor:
     return tf.image.stateless_random_crop(padded, tf.shape(image), seed=seed)
 
 
+def rotate_and_scale(image: tf.Tensor, degrees, scale) -> tf.Tensor:
+    """Rotates `image` (HWC float) by `degrees` (counter-clockwise as displayed) and zooms it by
+    `scale` about its centre: bilinear, black outside (`on_device.rotate_and_scale` in JAX)."""
+    angle = tf.cast(degrees, tf.float32) * math.pi / 180.0
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    cx = (tf.cast(tf.shape(image)[1], tf.float32) - 1.0) / 2
+    cy = (tf.cast(tf.shape(image)[0], tf.float32) - 1.0) / 2
+    # Each output (x, y) samples the input at (a0 x + a1 y + a2, b0 x + b1 y + b2): the inverse map.
+    transform = tf.stack(
+        [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]
+    )
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None],
+        transforms=transform[None],
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
+
+
+def random_rotate_and_scale(image: tf.Tensor, seed, degrees: float, scale_range) -> tf.Tensor:
+    """`rotate_and_scale` by an angle uniform in ±`degrees` and a factor uniform in `scale_range`
+    (None: 1)."""
+    angle_seed, scale_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    angle = tf.random.stateless_uniform([], angle_seed, -degrees, degrees)
+    low, high = scale_range or (1.0, 1.0)
+    return rotate_and_scale(image, angle, tf.random.stateless_uniform([], scale_seed, low, high))
+
+
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
@@ -151,6 +182,10 @@ def make_train_fn(pp, image_size: int, num_classes: int):
         image = resize(decode_crop(example["image"], channels, window), image_size)
         if pp.flip:
             image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+        if pp.get("rotate_degrees") or pp.get("scale_range"):
+            image = random_rotate_and_scale(
+                image, fold_in(shift_seed, 1), float(pp.rotate_degrees), pp.scale_range
+            )
         if pp.translate_pixels:
             image = random_translate(image, shift_seed, pp.translate_pixels)
         if pp.randaugment_layers:

@@ -103,6 +103,13 @@ def validate_config(config, process_index: int, process_count: int) -> None:
         "must be an int >= 0",
     )
     _require(
+        _is_number(pp.rotate_degrees) and 0 <= pp.rotate_degrees <= 180,
+        "pp.rotate_degrees",
+        pp.rotate_degrees,
+        "must be in [0, 180] (0 turns rotation off)",
+    )
+    _check_pair(pp, "scale_range", 10.0)
+    _require(
         _is_number(pp.label_smoothing) and 0 <= pp.label_smoothing < 1,
         "pp.label_smoothing",
         pp.label_smoothing,

@@ -10,7 +10,8 @@ checkpoint's image size, every example once), puts them in the checkpoint's inpu
 features, and prints, per shot count, the test accuracy of closed-form ridge regression on k
 examples per class (mean and per seed) with the regularizer each seed used and how it was chosen.
 `--json_out` writes the same as JSON. A checkpoint may be a workdir, an .npz, timm or HF weights,
-or a published name with `--pretrained`.
+or a published name with `--pretrained`. `--random_init SEED` evaluates the checkpoint's
+architecture with freshly initialized weights instead (the baseline that says what training added).
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="a ViTConfig override"
     )
+    parser.add_argument(
+        "--random_init",
+        type=int,
+        metavar="SEED",
+        help="use the checkpoint's architecture with random weights from this seed (a baseline)",
+    )
     parser.add_argument("--json_out", help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
     shots, seeds = _ints(args.shots, "shots", parser), _ints(args.seeds, "seeds", parser)
@@ -116,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         model = VisionTransformer(loaded.config)
         cfg = loaded.config
+        params = loaded.params
+        if args.random_init is not None:
+            import jax
+
+            from vit_jax.model.vit import init_params
+
+            params = init_params(model, jax.random.key(args.random_init))
         train = read_split(args.dataset, args.train_split, cfg, args.data_dir, args.batch_size)
         test = read_split(args.dataset, args.test_split, cfg, args.data_dir, args.batch_size)
         num_classes = train[2]
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         features = [
             fewshot.extract_features(
-                model, loaded.params, to_convention(x, loaded.preprocessing), args.batch_size
+                model, params, to_convention(x, loaded.preprocessing), args.batch_size
             )
             for x in (train[0], test[0])
         ]
@@ -135,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             features[0], train[1], features[1], test[1],
             shots=shots, seeds=seeds, num_classes=num_classes,
         )  # fmt: skip
+        weights = f" ({loaded.weights} weights)" if loaded.weights else ""
+        if args.random_init is not None:
+            weights = f" (its architecture, random weights of seed {args.random_init})"
         print(
-            f"{args.checkpoint}{f' ({loaded.weights} weights)' if loaded.weights else ''}: "
+            f"{args.checkpoint}{weights}: "
             f"{features[0].shape[1]}-d features, {args.dataset} "
             f"({len(train[1])} {args.train_split} / {len(test[1])} {args.test_split} examples, "
             f"{num_classes} classes)"

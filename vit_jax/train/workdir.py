@@ -61,6 +61,8 @@ ADDED_LATER = {
     "distill.temperature": 1.0,
     "distill.weight": 0.5,
     "distill.bf16": False,
+    "pp.rotate_degrees": 0.0,
+    "pp.scale_range": None,
 }
 # Fields a resumed run may also change although they change the numbers by float rounding: the
 # device count and layout (the order of the gradient sums across devices) and gradient

@@ -28,11 +28,11 @@ prepares it on first use, with one worker per core)::
     python -c "import vit_jax.data.builders, tensorflow_datasets as tfds; tfds.builder(
         'fractaldb/c1000_i1000_r224', data_dir='DIR', workers=16).download_and_prepare()"
 
-Speed, measured here on 2026-12-02 as CPU time inside the workers (render + PNG: the "per core"
-figure of the printed line), on this project's 2-core machine while it ran other jobs (load ~7):
-32 px 370-560 images/s per core (`c100_i100_r32`: 10,000 train images in 69 s wall with 2
-workers, 369/s per core); 64 px ~195 and 224 px ~23 (one core, `fractal_ifs.instance` + `png`
-alone). Finding the categories costs ~7 ms per candidate IFS, ~4.5 candidates per kept category.
+Speed, measured here as CPU time inside the workers (render + PNG: the "per core" figure of the
+printed line) on this project's 2-core machine: 32 px 1,296 images/s per core idle (2026-12-03,
+`c100_i300_r32`: 30,000 train images in 12.7 s wall with 2 workers); under load (~7, 2026-12-02)
+32 px 370-560, 64 px ~195 and 224 px ~23 (one core, `fractal_ifs.instance` + `png` alone).
+Finding the categories costs ~7 ms per candidate IFS, ~4.5 candidates per kept category.
 
 Disk: before generating, the data dir must hold images x resolution^2 x 3 bytes (raw pixels: an
 upper bound on the PNGs, measured at 9-27 % of raw, plus TFDS's temporary copy while it

@@ -2,6 +2,7 @@ r"""The README's digits tables, measured by running `train.py` and `vit_jax.tool
 
   python benchmarks/digits_tables.py transfer   # fractal pre-training -> digits (issue 23)
   python benchmarks/digits_tables.py distill    # distilled student vs scratch, few-shot (issue 22)
+  python benchmarks/digits_tables.py grid       # the main job, seeds 0-4 x cpu_devices 1, 2, 4
 
 Each run is a real `train.py` command of `configs/digits.py` (its docstring names the arguments),
 one after the other, in `--root` (default workdirs/tables; `--data_dir` default <root>/tfds, where
@@ -17,6 +18,9 @@ scratch, the same RGB input); plus few-shot accuracy of the pre-trained features
 distill: `digits.py:teacher` (seed 0), then per seed the student distilled from it
 (`digits.py:distill`) and from scratch (`digits.py`); plus few-shot accuracy of each scratch model
 and of the same architecture randomly initialized (`--random_init`).
+grid: the main job (`configs/digits.py`) for seeds 0-4 (`--seeds` does not apply) on 1, 2 and 4
+CPU devices (`--config.cpu_devices`): every run's test accuracy and training time (compiling
+included), and the minimum and mean; run it with nothing else on the machine.
 """
 
 from __future__ import annotations
@@ -164,9 +168,39 @@ def distill(root: pathlib.Path, data_dir: str, seeds: list[int]) -> tuple[list[s
     return lines, {"teacher": teacher, "runs": runs, "fewshot": fewshots, "random": randoms}
 
 
+def grid(root: pathlib.Path, data_dir: str, seeds: list[int]) -> tuple[list[str], dict]:
+    del seeds  # the grid is the issue's: seeds 0-4
+    runs, devices = {}, (1, 2, 4)
+    for d in devices:
+        for seed in range(5):
+            name = f"main-seed{seed}-devices{d}"
+            flags = [f"--config.data_dir={data_dir}", f"--config.seed={seed}"]
+            runs[name] = run_train(
+                root, name, "configs/digits.py", *flags, f"--config.cpu_devices={d}"
+            )
+    lines = [
+        "| cpu_devices | " + " | ".join(f"seed {s}" for s in range(5)) + " | min | mean |",
+        "|---|" + "---|" * 7,
+    ]
+    for d in devices:
+        values = [runs[f"main-seed{s}-devices{d}"]["accuracy"] for s in range(5)]
+        cells = [f"{v:.2f}" for v in values] + [
+            f"{min(values):.2f}",
+            f"{statistics.mean(values):.2f}",
+        ]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    every = [r["accuracy"] for r in runs.values()]
+    times = sorted(r.get("training_time", "?") for r in runs.values())
+    lines.append(
+        f"\nall {len(every)} runs: min {min(every):.2f}, mean {statistics.mean(every):.2f}; "
+        f"training time {times[0]} - {times[-1]}"
+    )
+    return lines, {"runs": runs}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("table", choices=("transfer", "distill"))
+    parser.add_argument("table", choices=("transfer", "distill", "grid"))
     parser.add_argument("--root", default="workdirs/tables")
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (default <root>/tfds)")
     parser.add_argument("--seeds", default="0,1,2")
@@ -175,7 +209,9 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     data_dir = os.path.abspath(args.data_dir or root / "tfds")
     seeds = [int(s) for s in args.seeds.split(",")]
-    lines, results = {"transfer": transfer, "distill": distill}[args.table](root, data_dir, seeds)
+    lines, results = {"transfer": transfer, "distill": distill, "grid": grid}[args.table](
+        root, data_dir, seeds
+    )
     print("\n".join(lines))
     out = REPO / "benchmarks" / "results" / f"digits_{args.table}.json"
     out.write_text(json.dumps({"table": lines, **results}, indent=2) + "\n")

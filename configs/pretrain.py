@@ -41,12 +41,12 @@ is the dataset's resolution (an error if it is below the patch size), AdamW lr 1
 decay 0.05 (DeiT's weight decay; the rest is our choice), batch 256, 30 epochs with 5 % warmup and
 cosine decay, Inception crops of 35-100 % of the area, flips, label smoothing 0.1, stochastic depth
 0.1, the pre-logits layer as above (dropped when fine-tuning). Not run to the end here, so no
-accuracy to state yet: on this 2-core CPU, shared with other jobs at the time (load ~10, 2026-12-02),
-ViT-Ti/4 at 32 px (65 tokens, 5.4 M parameters) trained at 3 img/s wall (12 steps of 256 with
-`--config.total_steps=12`; the process got ~6 CPU-minutes in 24.5 min, so an idle machine should
-do several times better: an estimate, not measured), so the toy's 30 epochs (300,000 images) are a
-job for an accelerator; `--config.total_epochs` shortens it. Preparing `c100_i100_r32` took 69 s
-with 2 workers here. A model that does pre-train here in minutes is the digits recipe's own
+accuracy to state: on this idle 2-core CPU, ViT-Ti/4 at 32 px (65 tokens, 5.4 M parameters)
+trains at 47-48 img/s after compiling (12 steps of 256 on `c100_i300_r32` with
+`--config.total_steps=12`, 2026-12-03; 3 img/s under load ~10 the day before), so the toy's 30
+epochs (300,000 images) take ~1.7 hours here: a job for an accelerator; `--config.total_epochs`
+shortens it. Preparing `c100_i100_r32` took 69 s with 2 workers under load, `c100_i300_r32` 15 s
+idle. A model that does pre-train here in minutes is the digits recipe's own
 (`configs/digits.py:fractal`, 215k parameters, 10 epochs of `c100_i300_r32`): its transfer to
 digits is the README's table (`python benchmarks/digits_tables.py transfer`).
 """

@@ -30,7 +30,8 @@ prepares it on first use, with one worker per core)::
 
 Speed, measured here as CPU time inside the workers (render + PNG: the "per core" figure of the
 printed line) on this project's 2-core machine: 32 px 1,296 images/s per core idle (2026-12-03,
-`c100_i300_r32`: 30,000 train images in 12.7 s wall with 2 workers); under load (~7, 2026-12-02)
+`c100_i300_r32`: 30,000 train images in 12.7 s wall with 2 workers), 224 px 48 idle
+(`c10_i2500_r224`: 25,000 images in 269 s, ~13 KB of PNG each); under load (~7, 2026-12-02)
 32 px 370-560, 64 px ~195 and 224 px ~23 (one core, `fractal_ifs.instance` + `png` alone).
 Finding the categories costs ~7 ms per candidate IFS, ~4.5 candidates per kept category.
 

@@ -44,6 +44,10 @@ from helpers import REPO, subprocess_env
 # short. Any training command: two steps, one evaluation at the end.
 TRAIN = r"(python (train\.py|-m vit_jax\.tools\.train)|vit-train)\b"
 SHORTER = {
+    # Pre-training on generated fractals: 2 steps, and 10 classes of 30 instead of 30,000 images
+    # to generate (the fine-tuning command after it reads this checkpoint all the same).
+    r"python train\.py --config configs/digits\.py:fractal\b": "--config.total_steps=2 "
+    "--config.eval_every_steps=0 --config.dataset=fractaldb/c10_i30_r32",
     TRAIN: "--config.total_steps=2 --config.eval_every_steps=0",
     r"python -m vit_jax\.tools\.input_benchmark\b": "--num_batches 2 --warmup 1 --num_images 64",
     r"(python -m vit_jax\.tools\.benchmark|vit-benchmark)\b": "--steps 1 --repeats 1",

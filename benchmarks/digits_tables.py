@@ -38,7 +38,6 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"Final \w+ accuracy: ([\d.]+)%")
 TRAINING_TIME = re.compile(r"Training time: (\S+) for (\d+) steps")
-TRAIN_EXAMPLES = 1437
 SHOTS = "1,5,10,25"
 
 
@@ -108,12 +107,12 @@ def transfer(root: pathlib.Path, data_dir: str, seeds: list[int]) -> tuple[list[
     pretrain = run_train(root, "pretrain", "configs/digits.py:fractal", *common)
     init = f"--config.init_from={root / 'pretrain'}"
     runs = {}
+    tenth = ["--config.train_split=train[:10%]", "--config.total_epochs=400"]  # the same steps
     for fraction in (10, 100):
-        split = ["--config.train_split=train[:10%]", "--config.total_epochs=400"]
         for start in ("scratch", "fractal"):
             for seed in seeds:
                 name = f"{start}-{fraction}pct-seed{seed}"
-                flags = [*common, f"--config.seed={seed}", *(split if fraction == 10 else [])]
+                flags = [*common, f"--config.seed={seed}", *(tenth if fraction == 10 else [])]
                 flags.append(init if start == "fractal" else "--config.init_from=")
                 runs[name] = run_train(root, name, "configs/digits.py:finetune", *flags)
     fewshot = run_fewshot(root, "pretrain", str(root / "pretrain"), data_dir)

@@ -90,11 +90,11 @@ def rotate_and_scale(image, degrees, scale):
 def _augment(image, key, aug: _Augment):
     """One example: [0, 255] float HWC -> augmented, still [0, 255]."""
     flip_key, shift_key = jax.random.split(key)
-    # Streams of their own: runs without rotation or scaling keep their batches bit for bit.
-    angle_key, scale_key = jax.random.split(jax.random.fold_in(key, _AFFINE))
     if aug.flip:
         image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
     if aug.rotate_degrees or aug.scale_range:
+        # Streams of their own: runs without rotation or scaling keep their batches bit for bit.
+        angle_key, scale_key = jax.random.split(jax.random.fold_in(key, _AFFINE))
         r = aug.rotate_degrees
         degrees = jax.random.uniform(angle_key, (), minval=-r, maxval=r)
         low, high = aug.scale_range or (1.0, 1.0)

@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import io
+import itertools
 import os
 import pathlib
 import socket
@@ -141,11 +142,41 @@ def assert_params_identical(a, b, skip=(), same_dtype=False) -> None:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def _port_block() -> range:
+    """This pytest worker's ports: below the kernel's ephemeral range, one block per xdist worker.
+
+    Outgoing connections take their local ports from the ephemeral range, and two workers'
+    tests run side by side: a port from `bind(0)` can be handed to both, and JAX's coordinator
+    binds with SO_REUSEPORT, so two runs on one port hang each other until the init timeout.
+    """
+    try:
+        low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    size = 400
+    top = low - index * size
+    return range(max(top - size, 1024), top)
+
+
+_next_port = itertools.count().__next__
+
+
 def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1 (for a coordinator a test starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free right now on 127.0.0.1 that no other test of this session was given."""
+    block = _port_block()
+    start = os.getpid() % len(block)  # another session beside this one starts elsewhere
+    for _ in range(len(block)):
+        port = block[(start + _next_port()) % len(block)]
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {block}")
 
 
 # Progress bars on a terminal: tqdm draws only where `stderr.isatty()`; these fake one.

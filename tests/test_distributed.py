@@ -3,9 +3,11 @@
 The multi-process runs themselves are in test_multiprocess.py; here everything is one process.
 """
 
+import socket
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import ml_collections
@@ -25,6 +27,8 @@ from vit_jax.tools import cpu_devices
         (dict(coordinator_address="h:1", num_processes=2, process_id=-1), "must be in 0..1"),
         (dict(coordinator_address="h:1", num_processes=0, process_id=0), "at least 1"),
         (dict(coordinator_address="host", num_processes=2, process_id=0), "must be HOST:PORT"),
+        (dict(coordinator_address="host:80a", num_processes=2, process_id=1), "must be HOST:PORT"),
+        (dict(coordinator_address="host:0", num_processes=2, process_id=1), "in 1..65535"),
         (dict(init_timeout_s=0), "timeouts must be positive"),
     ],
 )
@@ -165,6 +169,20 @@ def test_unreachable_coordinator_is_one_line_after_a_bounded_wait(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not workdir.exists()
     assert waited < 240  # bounded (most of it is Python start-up on a loaded machine)
+
+
+def test_a_coordinator_port_already_in_use_is_named_before_jax_starts(no_cluster, monkeypatch):
+    # gRPC binds with SO_REUSEPORT, so without this check a second job's coordinator on the same
+    # port would bind too and both jobs would hang until the init timeout.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # Were the check missing, JAX would wait for a process 1 and abort this one.
+        monkeypatch.setattr(jax.distributed, "initialize", mock.Mock(side_effect=AssertionError))
+        with pytest.raises(distributed.DistributedError, match=f"port {port} is already in use"):
+            distributed.initialize(f"127.0.0.1:{port}", 2, 0, init_timeout_s=5)
+    assert jax.process_count() == 1  # nothing was started
 
 
 BAD_MESH_AND_BATCH = """

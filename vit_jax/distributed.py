@@ -127,10 +127,11 @@ def initialize(
                 f"--process_id={process_id} with --num_processes={num_processes}: the process id "
                 f"must be in 0..{max(num_processes, 1) - 1} and the count at least 1"
             )
-        if ":" not in coordinator_address:
+        port = coordinator_address.rpartition(":")[2]
+        if ":" not in coordinator_address or not (port.isdigit() and 0 < int(port) < 65536):
             raise DistributedError(
                 f"--coordinator_address={coordinator_address!r} must be HOST:PORT (process 0's "
-                f"host and a free port every process can reach)"
+                f"host and a free port in 1..65535 that every process can reach)"
             )
         how = f"{coordinator_address} (process {process_id} of {num_processes}, from flags)"
         kwargs = dict(
@@ -145,6 +146,8 @@ def initialize(
             return
         how, kwargs = f"auto-detected ({cluster})", {}
     logging.info("Starting jax.distributed: %s", how)
+    if given and process_id == 0:
+        _check_port_free(coordinator_address)
     if given and process_id != 0:
         # JAX aborts the whole process (no exception) when it cannot reach the coordinator; a
         # plain TCP probe first turns the common case into one clear line, within the timeout.
@@ -165,6 +168,31 @@ def initialize(
             f"count, that process 0 is running, and that its port is reachable from this host."
         ) from None
     _check_task_count()
+
+
+def _check_port_free(address: str) -> None:
+    """Raises unless process 0 can host the coordinator at `address`'s port on this host.
+
+    JAX's coordinator (gRPC) binds with SO_REUSEPORT, so a second job given the same port binds
+    too, and the kernel then splits the processes' connections between the two coordinators: both
+    jobs hang until the init timeout and abort. A plain bind first (SO_REUSEADDR only, which
+    passes over closed connections in TIME_WAIT but not over a live socket) names the clash.
+    """
+    port = int(address.rpartition(":")[2])
+    try:
+        probe = socket.socket(socket.AF_INET6)  # dual-stack: clashes with IPv4 sockets too
+    except OSError:  # a host without IPv6
+        probe = socket.socket(socket.AF_INET)
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as e:
+            raise DistributedError(
+                f"--coordinator_address={address!r}: port {port} is already in use on this host "
+                f"({e.strerror}), by another job's coordinator or another program. Process 0 "
+                f"hosts the coordinator: give every process of this run another free port."
+            ) from None
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:

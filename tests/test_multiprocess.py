@@ -140,15 +140,19 @@ class Run:
         lines = []
         for i, code in enumerate(codes):
             fatal = [line for line in self.output(i).splitlines() if line.startswith("FATAL")]
-            assert code != 0 and len(fatal) == 1, f"process {i} exit {code}:\n{self.output(i)}"
+            assert code != 0 and len(fatal) == 1, self.report(codes)
             lines.append(fatal[0])
         return lines
 
-    def check(self, expected_status: int = 0) -> None:
-        codes = self.wait()
-        assert codes == [expected_status] * len(codes), "\n".join(
+    def report(self, codes: list[int]) -> str:
+        """Every process's exit status and the end of its output: one alone rarely says why."""
+        return "\n".join(
             f"process {i} exit {c}:\n{self.output(i)[-3000:]}" for i, c in enumerate(codes)
         )
+
+    def check(self, expected_status: int = 0) -> None:
+        codes = self.wait()
+        assert codes == [expected_status] * len(codes), self.report(codes)
 
 
 # The runs of this file keep an EMA of the weights too (part of the train state, sharded like the

@@ -86,8 +86,10 @@ The paper's hybrid with the ResNet root alone (as AugReg's R+Ti/16: `--config.mo
 '()' --config.model.resnet_width=32 --config.model.patch_size=1`, a 7x7/2 conv and a 3x3/2 max-pool
 to the same 8x8 grid; 205,354 params) was better on 2 devices, seeds 0-4 98.61 / 98.89 / 98.61 /
 98.61 / 98.89% (min 98.61, mean 98.72), but on 1 device seed 0 gave 98.33% in 2m25s of training:
-the conv root runs at ~60 % of the plain ViT's img/s on this CPU, so it holds neither bound
-everywhere (2026-12-03).
+it runs at ~55-65 % of the plain ViT's img/s in the trainer on this CPU (XLA:CPU runs the conv
+inside the trainer's loop program slower than in a step compiled alone, 453 vs 591 img/s on one
+device, where the plain ViT's step gets faster there, 984 vs 697), so it holds neither bound on
+every device count (2026-12-03).
 
 Argument `tiny` (`--config configs/digits.py:tiny`): this recipe shrunk until it runs in seconds,
 for the tests and for checking that a setup works at all (its accuracy means nothing). The data,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import vit_jax
-from vit_jax import checkpoints, sharding
+from vit_jax import checkpoints, sharding, trained
 from vit_jax.model import vit
 from vit_jax.train import optim
 from vit_jax.train import state as train_state
@@ -96,20 +96,20 @@ def test_read_model_from_workdir_checkpoints_or_step_dir(setup, tmp_path):
     ckpt.save(9, state, model.config, {"step": 9})
     ckpt.close()
     for path in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "9"):
-        assert checkpoints.find_step_dir(path).name == "9"
-        config, params = checkpoints.read_model(path)
+        assert trained.find_step_dir(path).name == "9"
+        config, params = trained.read_model(path)
         assert config == model.config
         assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
         assert_trees_equal(params, state["params"])
-    assert checkpoints.find_step_dir(tmp_path / "checkpoints" / "4").name == "4"
+    assert trained.find_step_dir(tmp_path / "checkpoints" / "4").name == "4"
 
 
 def test_missing_or_empty_checkpoint_paths_say_what_was_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpoints.read_model(tmp_path / "nope")
+        trained.read_model(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-        checkpoints.read_model(tmp_path)
-    assert not checkpoints.is_checkpoint(tmp_path)
+        trained.read_model(tmp_path)
+    assert not trained.is_checkpoint(tmp_path)
     ckpt = checkpoints.TrainCheckpoints(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no checkpoint to restore"):
         ckpt.restore({})
@@ -124,6 +124,6 @@ def test_relative_workdirs_work(setup, tmp_path, monkeypatch):
     ckpt.save(3, state, model.config, {"step": 3})
     ckpt.close()
     assert (tmp_path / "workdirs" / "run" / "checkpoints" / "3").is_dir()
-    config, params = checkpoints.read_model("workdirs/run")
+    config, params = trained.read_model("workdirs/run")
     assert config == model.config
     assert_trees_equal(params, state["params"])

@@ -17,7 +17,7 @@ import pytest
 from helpers import assert_params_identical, run_with_devices, sigterm_at
 from test_trainer import FakeData, tiny_config
 
-from vit_jax import checkpoints
+from vit_jax import trained
 from vit_jax.interop import input_convention
 from vit_jax.model import transfer
 from vit_jax.train import checks, dispatch, distill, plan, trainer, workdir
@@ -259,7 +259,7 @@ def test_a_preempted_distilled_run_resumes_bit_identically(distilled_run, tmp_pa
     other.steps_per_dispatch = 8
     second = trainer.train_and_evaluate(other, work, data=FakeData(other))
     assert not second["preempted"] and second["step"] == 12
-    assert_params_identical(checkpoints.read_model(work)[1], checkpoints.read_model(ref)[1])
+    assert_params_identical(trained.read_model(work)[1], trained.read_model(ref)[1])
     assert second["eval"] == ref_result["eval"]
     steps = sorted(second["train_losses"])
     assert [second["train_losses"][s] for s in steps] == [

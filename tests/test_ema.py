@@ -21,7 +21,7 @@ from test_bad_input import run_cli  # noqa: F401  (the fixture: a CLI's main in-
 from test_stop_signals import signal_after_step
 from test_trainer import FakeData, tiny_config
 
-from vit_jax import checkpoints, sharding
+from vit_jax import checkpoints, sharding, trained
 from vit_jax.interop import load
 from vit_jax.model import transfer, vit
 from vit_jax.train import checks, dispatch, optim, plan, trainer, workdir
@@ -91,7 +91,7 @@ def test_keeping_an_ema_changes_no_bit_of_the_raw_training(tmp_path):
         config.model.dropout_rate = 0.1
         work = str(tmp_path / f"ema_{decay}")
         result = trainer.train_and_evaluate(config, work, data=FakeData(config))
-        runs[decay] = result, checkpoints.read_model(work, weights="raw")[1]
+        runs[decay] = result, trained.read_model(work, weights="raw")[1]
     assert runs[0.9][0]["train_losses"] == runs[0.0][0]["train_losses"]
     assert_params_identical(runs[0.9][1], runs[0.0][1])
     assert runs[0.9][0]["eval"] == runs[0.0][0]["eval"] and runs[0.0][0]["eval_ema"] is None
@@ -114,8 +114,8 @@ def test_a_preempted_run_resumes_with_bit_identical_ema_params(tmp_path):
     assert not second["preempted"] and second["step"] == 12
     for weights in ("ema", "raw"):
         assert_params_identical(
-            checkpoints.read_model(work, weights=weights)[1],
-            checkpoints.read_model(str(tmp_path / "ref"), weights=weights)[1],
+            trained.read_model(work, weights=weights)[1],
+            trained.read_model(str(tmp_path / "ref"), weights=weights)[1],
         )
     assert second["eval"] == ref["eval"] and second["eval_ema"] == ref["eval_ema"]
 
@@ -180,8 +180,8 @@ def test_a_sigterm_stopped_train_py_run_resumes_with_bit_identical_ema(
     assert out.strip().splitlines()[-1] == ref_out.strip().splitlines()[-1]
     for weights in ("ema", "raw"):
         assert_params_identical(
-            checkpoints.read_model(str(work), weights=weights)[1],
-            checkpoints.read_model(str(ref), weights=weights)[1],
+            trained.read_model(str(work), weights=weights)[1],
+            trained.read_model(str(ref), weights=weights)[1],
         )
 
 
@@ -263,8 +263,8 @@ def test_turning_ema_on_at_resume_is_refused_and_changes_nothing(
 
 def test_load_pretrained_reads_the_ema_by_default_and_raw_on_request(ema_run):
     work, _ = ema_run
-    raw = checkpoints.read_model(str(work), weights="raw")[1]
-    ema = checkpoints.read_model(str(work), weights="ema")[1]
+    raw = trained.read_model(str(work), weights="raw")[1]
+    ema = trained.read_model(str(work), weights="ema")[1]
     flat_raw, flat_ema = transfer.flatten(raw), transfer.flatten(ema)
     assert any(not np.array_equal(flat_raw[k], flat_ema[k]) for k in flat_raw)  # two sets
     for weights, expected in ((None, ema), ("ema", ema), ("raw", raw)):
@@ -280,9 +280,9 @@ def test_load_pretrained_reads_the_ema_by_default_and_raw_on_request(ema_run):
 def test_a_checkpoint_without_ema_reads_raw_and_refuses_ema_naming_it(tiny_workdir, tmp_path):
     assert load.load_checkpoint(tiny_workdir).weights == "raw"
     assert_params_identical(
-        load.load_pretrained(tiny_workdir)[1], checkpoints.read_model(tiny_workdir)[1]
+        load.load_pretrained(tiny_workdir)[1], trained.read_model(tiny_workdir)[1]
     )
-    with pytest.raises(checkpoints.NoEmaWeightsError, match=r"checkpoints/3 has no EMA weights"):
+    with pytest.raises(trained.NoEmaWeightsError, match=r"checkpoints/3 has no EMA weights"):
         load.load_pretrained(tiny_workdir, weights="ema")
     # Any other format holds one set of weights: 'ema' is refused naming it, 'raw' reads it.
     from vit_jax.interop import save
@@ -327,7 +327,7 @@ def test_convert_writes_the_chosen_weights(ema_run, tmp_path, run_cli):  # noqa:
         code, out, err = run_cli("convert", [str(work), dst, "--to", "npz", *flag])
         assert code == 0, err
         assert f"from the {'EMA' if weights == 'ema' else 'raw'} weights" in out
-        expected = checkpoints.read_model(str(work), weights=weights)[1]
+        expected = trained.read_model(str(work), weights=weights)[1]
         got = load.load_pretrained(dst)[1]
         for key, value in transfer.flatten(expected).items():
             np.testing.assert_array_equal(transfer.flatten(got)[key], value, err_msg=key)

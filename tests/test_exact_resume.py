@@ -30,7 +30,7 @@ import pytest
 from helpers import COMPILE_CACHE, REPO, assert_params_identical, free_port
 from test_multiprocess import TINY, child_env, coordinator_flags
 
-from vit_jax import checkpoints
+from vit_jax import trained
 from vit_jax.train import dispatch, workdir
 
 pytestmark = pytest.mark.slow  # seven train.py processes
@@ -212,8 +212,8 @@ def check_ends_like_the_reference(chain) -> None:
     assert reference_line.startswith("Final test accuracy")
     assert out.strip().splitlines()[-1] == reference_line
     assert_params_identical(
-        checkpoints.read_model(str(chain["work"]))[1],
-        checkpoints.read_model(str(chain["tmp"] / "reference"))[1],
+        trained.read_model(str(chain["work"]))[1],
+        trained.read_model(str(chain["tmp"] / "reference"))[1],
     )
 
 

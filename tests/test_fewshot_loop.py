@@ -19,7 +19,7 @@ from test_bad_input import run_cli  # noqa: F401  (the fixture: a CLI's main in-
 from test_stop_signals import signal_after_step
 
 from configs import common
-from vit_jax import checkpoints
+from vit_jax import trained
 from vit_jax.model.vit import VisionTransformer
 from vit_jax.tools import fewshot as fewshot_cli
 from vit_jax.train import checks, fewshot, fewshot_loop, trainer
@@ -49,7 +49,7 @@ def fewshot_run(tmp_path_factory, digits_data_dir):
 
 
 def _independent_accuracies(step_dir, data_dir) -> dict[str, float]:
-    config, params = checkpoints.read_model(step_dir)
+    config, params = trained.read_model(step_dir)
     model = VisionTransformer(config)
     splits = [
         fewshot_cli.read_split("digits", split, config, data_dir, batch_size=97)

@@ -16,7 +16,7 @@ import test_stop_signals
 from helpers import assert_params_identical
 from test_trainer import FakeData, tiny_config
 
-from vit_jax import checkpoints
+from vit_jax import trained
 from vit_jax.train import trainer, workdir
 
 STEPS = 20
@@ -67,7 +67,7 @@ def _host_config(fields=()):
 
 
 def _params(workdir_path):
-    return checkpoints.read_model(str(workdir_path))[1]
+    return trained.read_model(str(workdir_path))[1]
 
 
 def test_every_harmless_field_is_changed_by_a_run_here():

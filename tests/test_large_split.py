@@ -28,7 +28,7 @@ import pytest
 from test_exact_resume import check_legs, run_chain
 from test_multiprocess import train_losses
 
-from vit_jax import checkpoints
+from vit_jax import trained
 from vit_jax.model import transfer
 from vit_jax.train import workdir
 
@@ -100,8 +100,8 @@ def test_every_step_and_the_end_match_the_uninterrupted_run(chain):
         since = max(start, step - 5) if step > start and step % 5 == 0 else step - 1
         expected = np.mean([reference[s] for s in range(since + 1, step + 1)])
         np.testing.assert_allclose(loss, expected, rtol=1e-5, err_msg=f"step {step}")
-    params = transfer.flatten(checkpoints.read_model(str(chain["work"]))[1])
-    expected = transfer.flatten(checkpoints.read_model(str(chain["tmp"] / "reference"))[1])
+    params = transfer.flatten(trained.read_model(str(chain["work"]))[1])
+    expected = transfer.flatten(trained.read_model(str(chain["tmp"] / "reference"))[1])
     assert sorted(params) == sorted(expected)
     for name, value in params.items():
         if name.endswith("key/bias"):  # only rounding noise as gradient, which Adam turns into

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from helpers import REPO, TINY_CONFIG, free_port, subprocess_env
 
-from vit_jax import checkpoints
+from vit_jax import checkpoints, trained
 
 TIMEOUT_S = 600  # per run of train.py (all its processes); ~30 s each on idle cores
 STEPS = 6
@@ -177,7 +177,7 @@ def train_losses(workdir) -> dict[int, float]:
 
 
 def final_params(workdir, weights="raw"):
-    _, params = checkpoints.read_model(workdir, weights=weights)
+    _, params = trained.read_model(workdir, weights=weights)
     return params
 
 

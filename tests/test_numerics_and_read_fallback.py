@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoints, integrity
+from vit_jax import checkpoints, integrity, trained
 from vit_jax.interop import load
 from vit_jax.model.config import ViTConfig
 
@@ -159,7 +159,7 @@ def test_reading_a_workdir_skips_a_damaged_newest_step_with_one_warning(
     for path in (tmp_path, tmp_path / "checkpoints"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="vit_jax"):
-            read_config, params, _, step_dir = checkpoints.read_trained(path)
+            read_config, params, _, step_dir = trained.read_trained(path)
         assert step_dir.name == "3" and read_config == config
         np.testing.assert_array_equal(params["w"], np.asarray(_state(3)["params"]["w"]))
         warnings = [r.getMessage() for r in caplog.records if r.name == "vit_jax"]
@@ -172,10 +172,10 @@ def test_a_damaged_step_named_exactly_or_a_wholly_damaged_workdir_is_one_clear_e
     _save(tmp_path / "checkpoints", [3, 6])
     _truncate_arrays(tmp_path / "checkpoints" / "6")
     with pytest.raises(checkpoints.DamagedCheckpointError, match="checkpoint .*6 is damaged"):
-        checkpoints.read_model(tmp_path / "checkpoints" / "6")
+        trained.read_model(tmp_path / "checkpoints" / "6")
     _garble_params_fingerprint(tmp_path / "checkpoints" / "3")
     with pytest.raises(checkpoints.DamagedCheckpointError, match=r"every checkpoint .*\[6, 3\]"):
-        checkpoints.read_model(tmp_path)
+        trained.read_model(tmp_path)
 
 
 def test_predict_init_from_and_load_pretrained_read_the_newest_intact_step(tmp_path, caplog):

@@ -16,7 +16,7 @@ import threading
 import pytest
 from helpers import REPO, TINY_CONFIG, assert_params_identical, subprocess_env, train_py
 
-from vit_jax import checkpoints
+from vit_jax import trained
 from vit_jax.train import workdir
 
 # What none of the output may show: library start-up noise and tracebacks.
@@ -141,6 +141,6 @@ def test_every_stop_resumes_exactly_with_other_harmless_fields(digits_data_dir, 
             assert status == 0 and last == reference_line, (moments, err)
         newest = workdir.latest_checkpoint_step(str(work))
     assert_params_identical(
-        checkpoints.read_model(str(work))[1],
-        checkpoints.read_model(str(tmp_path / "reference"))[1],
+        trained.read_model(str(work))[1],
+        trained.read_model(str(tmp_path / "reference"))[1],
     )

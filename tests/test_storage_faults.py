@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from helpers import REPO, TINY_CONFIG, subprocess_env, train_py
 
-from vit_jax import checkpoints
+from vit_jax import checkpoints, trained
 from vit_jax.model.config import ViTConfig
 from vit_jax.train import report
 
@@ -47,7 +47,7 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_earlier_checkpoints(
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert str(work / "checkpoints" / "4") in result.stderr  # the save that failed, named
     assert time.monotonic() - start < 240  # no barrier timeout (Orbax's is 300 s+)
-    config, params = checkpoints.read_model(work / "checkpoints" / "3")
+    config, params = trained.read_model(work / "checkpoints" / "3")
     assert config.hidden_size == 32 and params
 
 

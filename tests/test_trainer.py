@@ -18,7 +18,7 @@ import pytest
 from helpers import FIXTURES, REPO, run_with_devices, tiny_recipe
 
 from configs import common
-from vit_jax import checkpoints, sharding
+from vit_jax import checkpoints, sharding, trained
 from vit_jax.model import vit
 from vit_jax.train import checks, evaluation, loss_watch, optim, plan, trainer
 from vit_jax.train import state as train_state
@@ -233,7 +233,7 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_newest_checkpoint(tmp_path)
     ):
         trainer.train_and_evaluate(config, str(tmp_path), data=FakeData(config, nan_at_step=6))
     assert checkpoints.TrainCheckpoints(tmp_path / "checkpoints").all_steps() == [5]
-    _, params = checkpoints.read_model(tmp_path)
+    _, params = trained.read_model(tmp_path)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -259,7 +259,7 @@ def pretrained(tmp_path_factory):
 
 
 def test_finetune_from_checkpoint_at_higher_resolution_and_other_class_count(pretrained, tmp_path):
-    _, source = checkpoints.read_model(pretrained)
+    _, source = trained.read_model(pretrained)
     config = tiny_config(total_steps=3, image_size=32, init_from=str(pretrained))
     config.optim.name, config.optim.kwargs = "sgd", {"momentum": 0.9}
     dst = plan.vit_config_for(config, num_classes=5, num_channels=3)

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import checkpoints
+from vit_jax import trained
 from vit_jax.interop import fetch
 from vit_jax.interop import pretrained as pretrained_lib
 from vit_jax.interop.formats import REGISTRY, layout, timm_config
@@ -104,15 +104,15 @@ def _is_orbax(path: str) -> bool:
     when the checkpoint is read.
     """
     if "://" in path:
-        return path.startswith(_ORBAX_REMOTE) and checkpoints.is_checkpoint(path)
-    return os.path.isdir(path) and checkpoints.is_checkpoint(path)
+        return path.startswith(_ORBAX_REMOTE) and trained.is_checkpoint(path)
+    return os.path.isdir(path) and trained.is_checkpoint(path)
 
 
 def _orbax(path: str, weights: str | None) -> tuple[ViTConfig, dict, Preprocessing | None, str]:
     # The newest intact step: a damaged newer one is named in a warning and skipped.
-    config, params, recorded, step_dir = checkpoints.read_trained(path, weights=weights)
+    config, params, recorded, step_dir = trained.read_trained(path, weights=weights)
     pre = Preprocessing.from_dict(recorded) if recorded else None
-    return config, params, pre, checkpoints.chosen_weights(step_dir, weights)
+    return config, params, pre, trained.chosen_weights(step_dir, weights)
 
 
 def _translated(path: str, hints: dict[str, Any]):
@@ -165,7 +165,7 @@ def load_checkpoint(
     e.g. load_checkpoint('ViT-B/16', pretrained='augreg-i21k-ft-i1k'): downloaded once, then cached.
     `weights` ('ema' | 'raw' | None): which weights of a training run (module docstring).
     """
-    checkpoints.check_weights(weights)
+    trained.check_weights(weights)
     named_pre = None
     if pretrained is not None:
         entry = pretrained_lib.find(path, pretrained)

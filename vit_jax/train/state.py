@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from vit_jax import checkpoints, progress
+from vit_jax import checkpoints, progress, trained
 from vit_jax import sharding as sharding_lib
 from vit_jax.model import transfer, vit
 from vit_jax.model.config import ViTConfig
@@ -111,7 +111,7 @@ def check_ema_matches(ckpt, shapes, ema_decay) -> None:
     them all aside as damaged."""
     for step in sorted(ckpt.all_steps(), reverse=True):
         try:
-            saved = checkpoints.has_ema_weights(ckpt.directory / str(step))
+            saved = trained.has_ema_weights(ckpt.directory / str(step))
         except Exception:  # noqa: BLE001  (unreadable: the restore below reports the damage)
             continue
         if saved != ("ema_params" in shapes):

@@ -209,6 +209,17 @@ def test_deit_name_brings_imagenet_normalization(tmp_path):
     assert loaded.preprocessing.mean == input_convention.IMAGENET_MEAN
 
 
+def test_mean_std_gives_one_value_per_model_channel():
+    rgb = input_convention.Preprocessing(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    mean, std = rgb.mean_std(3, 255.0)  # pixel units
+    np.testing.assert_allclose(mean, [102.0, 127.5, 153.0], rtol=1e-6)
+    np.testing.assert_allclose(std, [51.0, 63.75, 76.5], rtol=1e-6)
+    gray_mean, gray_std = rgb.mean_std(1)  # a gray model: the mean of the RGB statistics
+    np.testing.assert_allclose([gray_mean[0], gray_std[0]], [0.5, 0.25], rtol=1e-6)
+    one = input_convention.Preprocessing(mean=(0.5,), std=(0.5,)).mean_std(3)
+    assert [a.tolist() for a in one] == [[0.5] * 3, [0.5] * 3]
+
+
 # --- Preprocessing from foreign configs ---------------------------------------------------------------
 
 

@@ -86,6 +86,13 @@ class Preprocessing:
         extra = "" if self.polarity == "any" else f", {self.polarity.replace('_', ' ')}"
         return f"{scale}, {self.channel_order}{extra}"
 
+    def mean_std(self, channels: int, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std), one float32 per channel of a `channels`-channel model, times `scale` (255:
+        in pixel units). One value serves every channel; RGB statistics serve a gray model as
+        their mean."""
+        per_channel = self._per_channel
+        return scale * per_channel(self.mean, channels), scale * per_channel(self.std, channels)
+
     def _per_channel(self, values: tuple[float, ...], channels: int) -> np.ndarray:
         if len(values) == channels:
             return np.asarray(values, np.float32)
@@ -119,8 +126,7 @@ class Preprocessing:
             jnp.asarray(pixels, jnp.float32), shape, method=method, antialias=method != "nearest"
         )
         # In pixel units, so that mean = std = 0.5 is exactly (x - 127.5) / 127.5.
-        mean = 255.0 * self._per_channel(self.mean, channels)
-        std = 255.0 * self._per_channel(self.std, channels)
+        mean, std = self.mean_std(channels, 255.0)
         return np.asarray((jnp.clip(resized, 0.0, 255.0) - mean) / std, np.float32)
 
 

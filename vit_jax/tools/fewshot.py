@@ -65,8 +65,7 @@ def to_convention(images: np.ndarray, preprocessing: Any) -> np.ndarray:
     channels = images.shape[-1]
     if preprocessing.channel_order == "BGR" and channels == 3:
         pixels = pixels[..., ::-1]
-    mean = 255.0 * preprocessing._per_channel(preprocessing.mean, channels)
-    std = 255.0 * preprocessing._per_channel(preprocessing.std, channels)
+    mean, std = preprocessing.mean_std(channels, 255.0)
     return ((pixels - mean) / std).astype(np.float32)
 
 

@@ -75,13 +75,6 @@ def per_example_loss(
     return (1.0 - weight) * label_loss(label_head, targets) + weight * distilled
 
 
-def _per_channel(values: Sequence[float], channels: int) -> np.ndarray:
-    values = np.asarray(values, np.float32)
-    if len(values) == channels:
-        return values
-    return np.full(channels, values.mean() if len(values) != 1 else values[0], np.float32)
-
-
 def teacher_inputs(
     images: jax.Array,
     student: Preprocessing,
@@ -91,12 +84,11 @@ def teacher_inputs(
 ) -> jax.Array:
     """The student's (B, H, W, C) inputs as the teacher's (B, *teacher_size, teacher_channels)."""
     channels = images.shape[-1]
-    same_scale = (
-        _per_channel(student.mean, channels).tolist()
-        == _per_channel(teacher.mean, channels).tolist()
-        and _per_channel(student.std, channels).tolist()
-        == _per_channel(teacher.std, channels).tolist()
-    )
+    student_mean, student_std = student.mean_std(channels)
+    same_scale = [a.tolist() for a in teacher.mean_std(channels)] == [
+        student_mean.tolist(),
+        student_std.tolist(),
+    ]
     same = (
         same_scale
         and channels == teacher_channels
@@ -106,7 +98,7 @@ def teacher_inputs(
     if same:
         return images  # nothing to convert: no float noise added
     x = images.astype(jnp.float32)
-    pixels = x * _per_channel(student.std, channels) + _per_channel(student.mean, channels)
+    pixels = x * student_std + student_mean
     if student.channel_order != teacher.channel_order and channels == 3:
         pixels = pixels[..., ::-1]
     if teacher_channels != channels:
@@ -119,8 +111,7 @@ def teacher_inputs(
     if tuple(pixels.shape) != shape:
         pixels = jax.image.resize(pixels, shape, method="bilinear", antialias=True)
     pixels = jnp.clip(pixels, 0.0, 1.0)
-    mean = _per_channel(teacher.mean, teacher_channels)
-    std = _per_channel(teacher.std, teacher_channels)
+    mean, std = teacher.mean_std(teacher_channels)
     return (pixels - mean) / std
 
 

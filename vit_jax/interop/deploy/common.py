@@ -104,8 +104,7 @@ def preprocess_graph(pixels: jnp.ndarray, config: ViTConfig, pre: Preprocessing)
     cols = resize_weights(x.shape[2], config.image_size[1])
     x = jnp.einsum("bhwc,hH,wW->bHWc", x, rows, cols)
     channels = config.num_channels
-    mean = 255.0 * pre._per_channel(pre.mean, channels)
-    std = 255.0 * pre._per_channel(pre.std, channels)
+    mean, std = pre.mean_std(channels, 255.0)
     return (jnp.clip(x, 0.0, 255.0) - mean) / std
 
 

@@ -124,8 +124,8 @@ def prepend_preprocessing(model, config, pre) -> None:
         axes=[1, 2],
     )
     x = node("Min", [node("Max", [x, const("zero", [0.0])]), const("max", [255.0])])  # the clip
-    mean = const("mean", 255.0 * pre._per_channel(pre.mean, c))
-    std = const("std", 255.0 * pre._per_channel(pre.std, c))
+    pixel_mean, pixel_std = pre.mean_std(c, 255.0)
+    mean, std = const("mean", pixel_mean), const("std", pixel_std)
     nodes.append(helper.make_node("Div", [node("Sub", [x, mean]), std], [body_input.name]))
     pixels = helper.make_tensor_value_info("pixels", T.UINT8, ["batch", "height", "width", c])
     body = list(graph.node)

@@ -104,8 +104,7 @@ def preprocess_tf(tf, pixels, config, pre):
     x = tf.transpose(x, (0, 3, 1, 2))  # (B, C, h, w)
     x = tf.matmul(tf.matmul(tf.transpose(rows), x), cols)  # (B, C, H, W)
     x = tf.transpose(x, (0, 2, 3, 1))
-    mean = 255.0 * pre._per_channel(pre.mean, c)
-    std = 255.0 * pre._per_channel(pre.std, c)
+    mean, std = pre.mean_std(c, 255.0)
     return (tf.clip_by_value(x, 0.0, 255.0) - mean) / std
 
 

@@ -148,7 +148,7 @@ def initialize(
     logging.info("Starting jax.distributed: %s", how)
     if given and process_id == 0:
         _check_port_free(coordinator_address)
-    if given and process_id != 0:
+    elif given:
         # JAX aborts the whole process (no exception) when it cannot reach the coordinator; a
         # plain TCP probe first turns the common case into one clear line, within the timeout.
         started = time.monotonic()

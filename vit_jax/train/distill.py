@@ -85,10 +85,10 @@ def teacher_inputs(
     """The student's (B, H, W, C) inputs as the teacher's (B, *teacher_size, teacher_channels)."""
     channels = images.shape[-1]
     student_mean, student_std = student.mean_std(channels)
-    same_scale = [a.tolist() for a in teacher.mean_std(channels)] == [
-        student_mean.tolist(),
-        student_std.tolist(),
-    ]
+    teacher_mean, teacher_std = teacher.mean_std(channels)
+    same_scale = np.array_equal(student_mean, teacher_mean) and np.array_equal(
+        student_std, teacher_std
+    )
     same = (
         same_scale
         and channels == teacher_channels

@@ -16,7 +16,7 @@ first 10 % of the stored train split, 144 images, 10x the epochs so both see the
 steps) `digits.py:finetune` from that checkpoint and the same command with `init_from=''` (from
 scratch, the same RGB input); plus few-shot accuracy of the pre-trained features on digits.
 distill: `digits.py:teacher` (seed 0), then per seed the student distilled from it
-(`digits.py:distill`) and from scratch (`digits.py`); plus few-shot accuracy of each scratch model
+(`digits.py:distill`) and from scratch (`digits.py:plain`, the same plain ViT); plus few-shot accuracy of each scratch model
 and of the same architecture randomly initialized (`--random_init`).
 grid: the main job (`configs/digits.py`) for seeds 0-4 (`--seeds` does not apply) on 1, 2 and 4
 CPU devices (`--config.cpu_devices`): every run's test accuracy and training time (compiling
@@ -144,7 +144,7 @@ def distill(root: pathlib.Path, data_dir: str, seeds: list[int]) -> tuple[list[s
             f"--config.distill.teacher={root / 'teacher'}",
         )  # fmt: skip
         runs[f"scratch-seed{seed}"] = run_train(
-            root, f"scratch-seed{seed}", "configs/digits.py", *flags
+            root, f"scratch-seed{seed}", "configs/digits.py:plain", *flags
         )
         scratch = str(root / f"scratch-seed{seed}")
         fewshots.append(run_fewshot(root, f"scratch-seed{seed}", scratch, data_dir))
@@ -155,13 +155,13 @@ def distill(root: pathlib.Path, data_dir: str, seeds: list[int]) -> tuple[list[s
         "| digits test accuracy % (seeds " + ", ".join(map(str, seeds)) + ") | mean (min, runs) |",
         "|---|---|",
         f"| teacher (`digits.py:teacher`, seed 0) | {teacher['accuracy']:.2f} |",
-        "| student from scratch (`digits.py`) | "
+        "| student from scratch (`digits.py:plain`) | "
         + summary([runs[f"scratch-seed{s}"]["accuracy"] for s in seeds]) + " |",
         "| student distilled (`digits.py:distill`) | "
         + summary([runs[f"distilled-seed{s}"]["accuracy"] for s in seeds]) + " |",
         "",
         *fewshot_header("few-shot on digits (mean over the seeds' models x 3 draws)"),
-        fewshot_row("trained digits model (`digits.py`)", fewshots),
+        fewshot_row("trained digits model (`digits.py:plain`)", fewshots),
         fewshot_row("same architecture, random init", randoms),
     ]  # fmt: skip
     return lines, {"teacher": teacher, "runs": runs, "fewshot": fewshots, "random": randoms}

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.model import conv
 from vit_jax.model.config import ViTConfig
 
 Array = jax.Array
@@ -57,13 +58,8 @@ class StdConv(nn.Module):
         # Standardize in float32: the statistics of a bf16 kernel lose the small deviations.
         kernel = weight_standardize(kernel.astype(jnp.float32), cfg.resnet_ws_epsilon)
         dtype = jnp.dtype(cfg.dtype)
-        return jax.lax.conv_general_dilated(
-            x.astype(dtype),
-            kernel.astype(dtype),
-            window_strides=(self.strides, self.strides),
-            padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        strides = (self.strides, self.strides)
+        return conv.conv2d(x.astype(dtype), kernel.astype(dtype), strides, "SAME")
 
 
 def group_norm(cfg: ViTConfig, name: str, zero_scale: bool = False) -> nn.GroupNorm:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.model import conv
 from vit_jax.model.config import REMAT_POLICIES, ViTConfig, get_config
 from vit_jax.model.layers import EncoderBlock, MAPHead, drop_path_rates, layer_norm
 from vit_jax.model.resnet import resnet_stem
@@ -80,13 +81,7 @@ class PatchEmbedding(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros, (cfg.hidden_size,), pdtype)
         dtype = jnp.dtype(cfg.dtype)
-        x = jax.lax.conv_general_dilated(
-            images.astype(dtype),
-            kernel.astype(dtype),
-            window_strides=(ph, pw),
-            padding="VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        x = conv.conv2d(images.astype(dtype), kernel.astype(dtype), (ph, pw), "VALID")
         b, gh, gw, d = x.shape
         return (x + bias.astype(dtype)).reshape(b, gh * gw, d)
 

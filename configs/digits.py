@@ -149,14 +149,8 @@ ENCODER = dict(
 HYBRID_ROOT = dict(resnet_stages=(), resnet_width=32, patch_size=1)
 PLAIN_PATCHES = dict(patch_size=4)
 
-ARGS = (
-    "tiny",
-    "plain",
-    "teacher",
-    "distill",
-    "fractal",
-    "finetune",
-)  # what may follow `digits.py:`
+PLAIN_ARGS = ("plain", "teacher", "distill", "fractal", "finetune")  # the plain ViT's (docstring)
+ARGS = ("tiny", *PLAIN_ARGS)  # what may follow `digits.py:`
 
 
 def get_config(arg: str | None = None):
@@ -180,24 +174,22 @@ def get_config(arg: str | None = None):
     config.pp.randaugment_layers = 0
     config.pp.num_channels = 1
 
-    config.model = common.model_fields(None, **ENCODER, **HYBRID_ROOT)
+    plain = arg in PLAIN_ARGS
+    config.model = common.model_fields(None, **ENCODER, **(PLAIN_PATCHES if plain else HYBRID_ROOT))
 
-    config.total_epochs = float(EPOCHS)
+    config.total_epochs = float(PLAIN_EPOCHS if plain else EPOCHS)
     config.optim.name = "adamw"
     config.optim.learning_rate = 1e-3
     config.optim.weight_decay = 0.05
     config.optim.grad_clip_norm = 1.0
     config.schedule.name = "cosine"
-    config.schedule.warmup_fraction = 1 / 15  # ~2.7 epochs of 40; scales with the run
+    config.schedule.warmup_fraction = 1 / 15  # 4 epochs of 60; scales with the run
 
     config.data_on_device = True  # 1,437 small images: drawn and augmented on the devices
     config.steps_per_dispatch = 8  # a tiny model's step is shorter than its launch: 8 per call
     config.log_every_steps = 110
     config.eval_every_steps = 275
     config.checkpoint_every_steps = 275  # Ctrl-C, SIGTERM or a kill loses at most 275 steps
-    if arg in ("plain", "teacher", "distill", "fractal", "finetune"):  # the plain ViT (docstring)
-        config.model = common.model_fields(None, **ENCODER, **PLAIN_PATCHES)
-        config.total_epochs = float(PLAIN_EPOCHS)
     if arg == "tiny":
         shrink_to_tiny(config)
     elif arg == "teacher":  # a larger digits model (the distillation teacher; docstring)

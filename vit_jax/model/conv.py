@@ -4,8 +4,8 @@
 gradient of the same convolution written as patches × kernel (one matmul). XLA:CPU runs a
 convolution's gradient inside a loop program 20-50x slower than outside one (jax#12868), and the
 trainer compiles every step as a loop (`train/step.make_multi_step`): the digits model's 4×4 patch
-embedding cost 10 ms of its ~65 ms step there, a hybrid's 7×7 root 48 ms, against 0.6 and 1.5 ms
-as a matmul (`benchmarks/conv_grad.py` measures it). The forward pass stays XLA's everywhere, so
+embedding's gradient took 8.8 ms per step there and a hybrid's 7×7 root 40 ms, against 0.56 and
+2.05 ms as a matmul (`python benchmarks/conv_grad.py`, 2 cores). The forward pass stays XLA's everywhere, so
 outputs, exports and inference are unchanged; only the float order of the gradient's sums differs.
 """
 

@@ -30,6 +30,7 @@ from vit_jax.tools import cpu_devices
         (dict(coordinator_address="host:80a", num_processes=2, process_id=1), "must be HOST:PORT"),
         (dict(coordinator_address="host:0", num_processes=2, process_id=1), "in 1..65535"),
         (dict(init_timeout_s=0), "timeouts must be positive"),
+        (dict(shutdown_timeout_s=-5), "--distributed_shutdown_timeout=-5"),
     ],
 )
 def test_inconsistent_flags_are_refused_before_jax_starts(kwargs, message):

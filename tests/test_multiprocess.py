@@ -12,9 +12,11 @@ parallel under `--dist loadfile`); it imports the helpers below.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +65,7 @@ def child_env(devices: int, cache_dir: str) -> dict[str, str]:
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
         TF_CPP_MIN_LOG_LEVEL="2",
         CUDA_VISIBLE_DEVICES="",
+        PYTHONFAULTHANDLER="1",
     )
 
 
@@ -122,8 +125,20 @@ class Run:
         try:
             return [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in self.procs]
         except subprocess.TimeoutExpired:
+            self.dump_stacks()
             self.kill()
-            pytest.fail(f"train.py did not finish in {timeout} s:\n{self.output()[-3000:]}")
+            codes = [p.returncode for p in self.procs]
+            pytest.fail(f"train.py did not finish in {timeout} s:\n{self.report(codes, tail=8000)}")
+
+    def dump_stacks(self) -> None:
+        """SIGABRT to each child still running: faulthandler (PYTHONFAULTHANDLER) writes every
+        thread's Python stack into its log, which says where a hung run waits."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGABRT)
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=30)
 
     def kill(self) -> None:
         for p in self.procs:  # only the children this Run started
@@ -144,10 +159,10 @@ class Run:
             lines.append(fatal[0])
         return lines
 
-    def report(self, codes: list[int]) -> str:
+    def report(self, codes: list[int], tail: int = 3000) -> str:
         """Every process's exit status and the end of its output: one alone rarely says why."""
         return "\n".join(
-            f"process {i} exit {c}:\n{self.output(i)[-3000:]}" for i, c in enumerate(codes)
+            f"process {i} exit {c}:\n{self.output(i)[-tail:]}" for i, c in enumerate(codes)
         )
 
     def check(self, expected_status: int = 0) -> None:

@@ -8,6 +8,10 @@
     environment,
 and leaves a single process alone otherwise. Initialization waits at most `init_timeout_s` for the
 other processes, and a process that stops answering is noticed after `heartbeat_timeout_s`.
+At exit every process waits for the others (JAX's shutdown barrier) at most `shutdown_timeout_s`;
+then JAX ends them all. A process that fails alone (an error, a Ctrl-C on one host) is still
+alive there, answering heartbeats, while the others wait for it in a collective that never ends:
+without that bound the job would hang (JAX's default: 300 s), with it the whole job ends.
 A scheduler that started several tasks while JAX sees one process is an error: each task would
 otherwise train alone, write over the others' files, and nobody would notice.
 
@@ -97,6 +101,7 @@ def initialize(
     *,
     init_timeout_s: int = 300,
     heartbeat_timeout_s: int = 100,
+    shutdown_timeout_s: int = 60,
 ) -> None:
     """Starts `jax.distributed` if this is a multi-process run (see the module doc); else nothing.
 
@@ -109,10 +114,11 @@ def initialize(
         "--process_id": process_id,
     }
     given = [name for name, value in explicit.items() if value is not None]
-    if init_timeout_s <= 0 or heartbeat_timeout_s <= 0:
+    if min(init_timeout_s, heartbeat_timeout_s, shutdown_timeout_s) <= 0:
         raise DistributedError(
             f"timeouts must be positive seconds; got --distributed_init_timeout={init_timeout_s}, "
-            f"--distributed_heartbeat_timeout={heartbeat_timeout_s}"
+            f"--distributed_heartbeat_timeout={heartbeat_timeout_s}, "
+            f"--distributed_shutdown_timeout={shutdown_timeout_s}"
         )
     if given and len(given) != 3:
         missing = [name for name in explicit if name not in given]
@@ -159,6 +165,7 @@ def initialize(
             **kwargs,
             initialization_timeout=init_timeout_s,
             heartbeat_timeout_seconds=heartbeat_timeout_s,
+            shutdown_timeout_seconds=shutdown_timeout_s,
         )
     except Exception as e:  # JAX's errors are multi-line gRPC reports: keep their first line
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

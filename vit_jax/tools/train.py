@@ -64,6 +64,12 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "distributed_heartbeat_timeout", 100, "Seconds after which a silent process counts as dead."
 )
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "distributed_shutdown_timeout",
+    60,
+    "Seconds a process waits for the others at exit; then all end (one that failed alone does not "
+    "leave the others waiting for it).",
+)
 _RESTART = flags.DEFINE_bool(
     "restart",
     False,
@@ -240,6 +246,7 @@ def _train() -> int:
         _PROCESS_ID.value,
         init_timeout_s=_INIT_TIMEOUT.value,
         heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+        shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value,
     )
     from vit_jax.train import trainer  # TensorFlow & co. load only once the flags are valid
 

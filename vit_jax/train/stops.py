@@ -9,6 +9,8 @@ One process: our own handlers set a flag. Several processes: they must all stop 
 or the checkpoint's collectives would hang, so JAX's preemption sync service (which
 `jax.distributed.initialize` starts, and which catches SIGTERM itself) picks the step; without
 that service SIGTERM keeps its default effect and the newest checkpoint is where a rerun resumes.
+A Ctrl-C reaches one process only: it ends that one, unsaved, and JAX's shutdown barrier
+(`vit_jax.distributed`, `--distributed_shutdown_timeout`) then ends the others.
 """
 
 from __future__ import annotations
@@ -42,10 +44,22 @@ class StopSignals:
             return self
         if getattr(signal.getsignal(signal.SIGINT), "pending", False):
             raise KeyboardInterrupt  # a Ctrl-C before the loop that was lost on its way (tools.cli)
-        wanted = [] if self._multihost else [signal.SIGTERM, signal.SIGINT]
-        for signum in wanted:
+        if self._multihost:  # SIGTERM is JAX's (the preemption service); Ctrl-C ends this one
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt_one)
+            return self
+        for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
+
+    @staticmethod
+    def _interrupt_one(signum, frame):
+        del signum, frame
+        raise KeyboardInterrupt(
+            f"interrupted (Ctrl-C) on process {jax.process_index()} of {jax.process_count()}: "
+            f"it stops now without saving, and the others end too (a multi-process run stops "
+            f"together, and saves, on SIGTERM); rerun the same command to resume from the newest "
+            f"checkpoint"
+        )
 
     def _handle(self, signum, frame):
         del frame

@@ -26,6 +26,7 @@ workdir (`vit_jax.train.workdir`).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import jax
@@ -188,7 +189,6 @@ def train_and_evaluate(
     eval_results, last_eval_step, preempted, step = None, None, False, start_step
     ema_results, last_fewshot_step = None, None
     fewshot_every = fewshot_runner.every_steps if fewshot_runner else 0
-    distributed.barrier("train loop")  # start the first step (and its compile) together
     # K steps per dispatch between the steps where the loop looks at the state (vit_jax.train.dispatch).
     boundaries = (
         config.log_every_steps,
@@ -207,6 +207,11 @@ def train_and_evaluate(
         )
     aborted = False
     try:
+        if step < total_steps:  # compiled before the processes meet: they start the step together
+            first = next(batches)
+            steps_fn.compile_for(state, first[1])
+            batches = itertools.chain([first], batches)
+        distributed.barrier("train loop")
         with (
             stops.StopSignals() as stop,
             progress.bar(total_steps, "train", start_step) as bar,

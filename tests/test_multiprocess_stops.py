@@ -1,8 +1,8 @@
 """train.py as one process per host: stops and start-up refusals, with real processes.
 
 A SIGTERM to one process stops both at the same step with a checkpoint (also with several steps
-per dispatch); a Ctrl-C to one process ends both, not a hang; a config or a workdir that differs between the processes is refused before
-anything is written. The helpers (the `Run` of real processes, free ports, timeouts, cleanup of
+per dispatch); a Ctrl-C to one process ends both, not a hang; a config or a workdir that differs
+between the processes is refused before anything is written. The helpers (the `Run` of real processes, free ports, timeouts, cleanup of
 only the PIDs started here) are test_multiprocess.py's.
 """
 

@@ -237,7 +237,7 @@ def barrier(name: str, timeout_s: int = 600) -> None:
 
     XLA's CPU collectives (gloo) give a process only 30 s to join a new collective, so processes
     that reach their first step far apart (one still compiling on a loaded host) would fail there;
-    meeting here first keeps them within one compilation of each other.
+    the trainer compiles the step first and meets here after, so they start it together.
     """
     if jax.process_count() == 1:
         return

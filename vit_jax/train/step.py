@@ -142,7 +142,7 @@ def make_multi_step(
     )
     counts: dict[int, jax.Array] = {}  # n as a global array (the same on every process), made once
     teacher_params = teacher.params if teacher is not None else None
-    compiled = {}
+    program = jitted  # compiled on first call, or ahead of it by `compile_for`
 
     def count(n: int) -> jax.Array:
         if n not in counts:
@@ -150,14 +150,15 @@ def make_multi_step(
         return counts[n]
 
     def run(state, batches, n: int):
-        return compiled.get("program", jitted)(state, batches, count(n), teacher_params)
+        return program(state, batches, count(n), teacher_params)
 
     def compile_for(state, batches) -> None:
         """Compiles the program for these shapes now; later calls run it. The trainer does this
         before the processes meet at the first step, so they start it together: XLA's CPU
         collectives (gloo) fail a process that waits over 30 s for the others to join a new
         collective, and compiling on a loaded host can take longer than that."""
-        compiled["program"] = jitted.lower(state, batches, count(1), teacher_params).compile()
+        nonlocal program
+        program = jitted.lower(state, batches, count(1), teacher_params).compile()
 
     run.compile_for = compile_for
     return run

@@ -6,6 +6,7 @@ import io
 import itertools
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -69,6 +70,17 @@ def run_with_devices(code: str, devices: int = 8, timeout: int = 300) -> str:
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
+
+
+def dump_python_stacks(procs, wait_s: float = 30) -> None:
+    """SIGABRT to each child still running: faulthandler (PYTHONFAULTHANDLER=1 in its environment)
+    writes every thread's Python stack to its stderr, which says where a hung run waits."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGABRT)
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=wait_s)
 
 
 def train_py(config: str, workdir, data_dir: str, *extra: str) -> list[str]:

@@ -12,18 +12,16 @@ parallel under `--dist loadfile`); it imports the helpers below.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import REPO, TINY_CONFIG, free_port, subprocess_env
+from helpers import REPO, TINY_CONFIG, dump_python_stacks, free_port, subprocess_env
 
 from vit_jax import checkpoints, trained
 
@@ -125,20 +123,10 @@ class Run:
         try:
             return [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in self.procs]
         except subprocess.TimeoutExpired:
-            self.dump_stacks()
+            dump_python_stacks(self.procs)
             self.kill()
             codes = [p.returncode for p in self.procs]
             pytest.fail(f"train.py did not finish in {timeout} s:\n{self.report(codes, tail=8000)}")
-
-    def dump_stacks(self) -> None:
-        """SIGABRT to each child still running: faulthandler (PYTHONFAULTHANDLER) writes every
-        thread's Python stack into its log, which says where a hung run waits."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGABRT)
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=30)
 
     def kill(self) -> None:
         for p in self.procs:  # only the children this Run started

@@ -11,13 +11,23 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
+import time
+from unittest import mock
 
 import pytest
-from helpers import REPO, TINY_CONFIG, assert_params_identical, subprocess_env, train_py
+from helpers import (
+    REPO,
+    TINY_CONFIG,
+    assert_params_identical,
+    dump_python_stacks,
+    subprocess_env,
+    train_py,
+)
 
 from vit_jax import trained
-from vit_jax.train import workdir
+from vit_jax.train import report, stops, workdir
 
 # What none of the output may show: library start-up noise and tracebacks.
 NOISE = ("oneDNN", "absl::InitializeLog", "FeatureConnector.dtype", "Traceback", "backend 'tpu'")
@@ -29,17 +39,25 @@ def signal_after_step(cmd, signals, step=2, timeout=300):
     A signal after a first Ctrl-C is sent once the process has said it saw that one, as a person
     reads the message before pressing again: two signals that arrive while Python is inside one
     long C call run its handler once (CPython keeps one pending flag per signal, not a count).
+    A run that does not end within `timeout` fails the test with every thread's Python stack.
     """
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=subprocess_env(import_checkout=True),
+        env=subprocess_env(import_checkout=True, PYTHONFAULTHANDLER="1"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    out_lines: list[str] = []
     err_lines: list[str] = []
-    acknowledged = threading.Event()
+    reached, acknowledged = threading.Event(), threading.Event()
+
+    def read_stdout():
+        for line in proc.stdout:
+            out_lines.append(line)
+            if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
+                reached.set()
 
     def read_stderr():
         for line in proc.stderr:
@@ -47,26 +65,37 @@ def signal_after_step(cmd, signals, step=2, timeout=300):
             if line.startswith("Ctrl-C: finishing this step"):
                 acknowledged.set()
 
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
+    readers = [threading.Thread(target=f, daemon=True) for f in (read_stdout, read_stderr)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + timeout
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
-                for i, signum in enumerate(signals):
-                    if i and signals[i - 1] == signal.SIGINT:
-                        assert acknowledged.wait(timeout), "the first Ctrl-C was never reported"
-                    proc.send_signal(signum)
-                break
-        proc.wait(timeout=timeout)  # what follows the signal is a few lines: no pipe fills up
-        out = proc.stdout.read()
-        reader.join(timeout=10)
-        return proc.returncode, "".join(lines) + out, "".join(err_lines)
+        while signals and not reached.wait(1) and proc.poll() is None:
+            if time.monotonic() > deadline:
+                hung(proc, readers, err_lines, f"did not reach step {step} in {timeout} s")
+        for i, signum in enumerate(signals if reached.is_set() else []):
+            if i and signals[i - 1] == signal.SIGINT:
+                assert acknowledged.wait(timeout), "the first Ctrl-C was never reported"
+            proc.send_signal(signum)
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0) + timeout)
+        except subprocess.TimeoutExpired:
+            names = [s.name for s in signals]
+            hung(proc, readers, err_lines, f"did not end within {timeout} s of {names}")
+        for reader in readers:
+            reader.join(timeout=10)
+        return proc.returncode, "".join(out_lines), "".join(err_lines)
     finally:
         if proc.poll() is None:
             proc.kill()  # our own child only
             proc.wait()
+
+
+def hung(proc, readers, err_lines, what):
+    dump_python_stacks([proc])
+    for reader in readers:
+        reader.join(timeout=10)
+    pytest.fail(f"{' '.join(proc.args)} {what}; its stderr ends:\n{''.join(err_lines)[-8000:]}")
 
 
 STEPS = 200  # long enough that every signal below lands well before the end
@@ -144,3 +173,52 @@ def test_every_stop_resumes_exactly_with_other_harmless_fields(digits_data_dir, 
         trained.read_model(str(work))[1],
         trained.read_model(str(tmp_path / "reference"))[1],
     )
+
+
+# The second Ctrl-C is a KeyboardInterrupt raised wherever the main thread is: inside a library it
+# can leave that library waiting forever on a thread of its own (tensorboardX's writer thread did,
+# about one abort in ten: its queue's condition variable lost the waiter it was notifying).
+
+STALLED_CLEAN_UP = """
+import os, signal, sys, threading
+from vit_jax.train import stops
+stops.exit_if_abort_stalls(float(sys.argv[1]))
+with stops.StopSignals():
+    os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step and save
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the second: abort
+    except stops.Aborted:
+        threading.Event().wait()  # a clean-up that never ends
+"""
+
+
+def test_a_second_ctrl_c_ends_the_command_even_if_the_clean_up_never_returns():
+    proc = subprocess.run(
+        [sys.executable, "-c", STALLED_CLEAN_UP, "0.5"],
+        env=subprocess_env(import_checkout=True),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 130, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"FATAL {stops.ABORTED} (clean-up stalled"), proc.stderr
+
+
+def test_in_a_notebook_a_second_ctrl_c_is_an_exception_and_nothing_ends_the_kernel():
+    assert stops._abort_deadline_s is None  # only the command line sets one
+    threads = set(threading.enumerate())
+    with pytest.raises(stops.Aborted), stops.StopSignals():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert set(threading.enumerate()) <= threads  # no timer that would end the process
+
+
+def test_closing_the_metrics_after_an_interrupt_does_not_wait_for_tensorboards_thread(tmp_path):
+    writer = report.MetricWriter(tmp_path)
+    writer.write(1, "train", {"loss": 2.0})
+    tensorboard = writer._tensorboard
+    writer._tensorboard = mock.Mock(close=mock.Mock(side_effect=AssertionError("joined")))
+    writer.close(interrupted=True)
+    tensorboard.close()  # the real one, which this test's interrupt did not break
+    assert report.read_metrics(tmp_path / "metrics.jsonl")["train"]["loss"] == [(1, 2.0)]

@@ -41,6 +41,8 @@ ALTERNATIVES = (
     ("total_steps", "total_epochs"),
     ("schedule.warmup_steps", "schedule.warmup_fraction"),
 )
+# After a second Ctrl-C the process ends within this long, whatever the clean-up was doing.
+ABORT_GRACE_S = 10.0
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -248,7 +250,9 @@ def _train() -> int:
         heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
         shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value,
     )
-    from vit_jax.train import trainer  # TensorFlow & co. load only once the flags are valid
+    from vit_jax.train import stops, trainer  # TensorFlow & co. load once the flags are valid
+
+    stops.exit_if_abort_stalls(ABORT_GRACE_S)
 
     overridden = set(config_flags.get_override_values(flags.FLAGS["config"]))
     none_for_tuple_overrides(config, overridden)

@@ -45,9 +45,13 @@ class MetricWriter:
             self._tensorboard.add_scalar(f"{split}/{name}", value, step)
         self._jsonl.append({"step": int(step), "split": split, **scalars})
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
+        """Closes both files. `interrupted`: a KeyboardInterrupt may have cut through tensorboardX's
+        queue and left its writer thread waiting forever, so the thread is not joined (it is a
+        daemon; events since its last flush are lost, metrics.jsonl has every line)."""
         if self._enabled:
-            self._tensorboard.close()
+            if not interrupted:
+                self._tensorboard.close()
             self._jsonl.close()
 
 

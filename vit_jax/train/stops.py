@@ -15,6 +15,7 @@ A Ctrl-C reaches one process only: it ends that one, unsaved, and JAX's shutdown
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -22,6 +23,18 @@ import threading
 import jax
 
 EXIT_STATUS = {"SIGINT": 130, "SIGTERM": 143}
+ABORTED = "second Ctrl-C: aborted without saving; the newest committed checkpoint is kept"
+_abort_deadline_s: float | None = None  # exit_if_abort_stalls
+
+
+def exit_if_abort_stalls(seconds: float | None) -> None:
+    """After a second Ctrl-C, end the process `seconds` later if the unwinding has not (None: never).
+
+    The abort is a KeyboardInterrupt raised wherever the main thread is, possibly inside a library
+    that then waits forever on a thread of its own; a command line must still end "at once". Not
+    for notebooks: there the kernel outlives the run, and the interrupt is the only way out."""
+    global _abort_deadline_s
+    _abort_deadline_s = seconds
 
 
 class Aborted(KeyboardInterrupt):
@@ -108,6 +121,14 @@ class StopSignals:
     @staticmethod
     def _abort(signum, frame):
         del signum, frame
-        raise Aborted(
-            "second Ctrl-C: aborted without saving; the newest committed checkpoint is kept"
-        )
+        if _abort_deadline_s is not None:
+            timer = threading.Timer(_abort_deadline_s, _exit_now, (_abort_deadline_s,))
+            timer.daemon = True
+            timer.start()
+        raise Aborted(ABORTED)
+
+
+def _exit_now(waited_s: float) -> None:
+    # os.write, not print: the stalled main thread may hold sys.stderr's lock.
+    os.write(2, f"FATAL {ABORTED} (clean-up stalled; ended after {waited_s:g} s)\n".encode())
+    os._exit(EXIT_STATUS["SIGINT"])

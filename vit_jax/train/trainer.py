@@ -53,21 +53,22 @@ from vit_jax.train import step as train_step
 from vit_jax.train.workdir import Workdir
 
 
-def _close_storage(ckpt, writer, owner, aborted: bool) -> None:
+def _close_storage(ckpt, writer, owner, aborted: bool, interrupted: bool) -> None:
     """Waits for the last save, then closes. After a second Ctrl-C (before or during the wait) the
-    checkpoint manager is left unclosed: closing it would complete the save the user aborted."""
+    checkpoint manager is left unclosed: closing it would complete the save the user aborted.
+    `interrupted`: a KeyboardInterrupt ended the loop (it may have landed inside a library)."""
     try:
         if not aborted:
             try:
                 ckpt.wait()
             except stops.Aborted:
-                aborted = True
+                aborted = interrupted = True
                 raise
             finally:
                 if not aborted:
                     ckpt.close()
     finally:
-        writer.close()
+        writer.close(interrupted=interrupted)
         owner.release()
 
 
@@ -205,7 +206,7 @@ def train_and_evaluate(
             mesh,
             config.prefetch_to_device,
         )
-    aborted = False
+    aborted = interrupted = False
     try:
         if step < total_steps:  # compiled before the processes meet: they start the step together
             first = next(batches)
@@ -254,11 +255,11 @@ def train_and_evaluate(
                 if fewshot_runner and last_fewshot_step != step:
                     run_fewshot(step)
         losses.check()
-    except stops.Aborted:
-        aborted = True
+    except KeyboardInterrupt as e:
+        aborted, interrupted = isinstance(e, stops.Aborted), True
         raise
     finally:
-        _close_storage(ckpt, writer, owner, aborted)
+        _close_storage(ckpt, writer, owner, aborted, interrupted)
 
     if not preempted:
         report.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")

@@ -182,8 +182,7 @@ def test_every_stop_resumes_exactly_with_other_harmless_fields(digits_data_dir, 
 STALLED_CLEAN_UP = """
 import os, signal, sys, threading
 from vit_jax.train import stops
-stops.exit_if_abort_stalls(float(sys.argv[1]))
-with stops.StopSignals():
+with stops.exit_if_abort_stalls(float(sys.argv[1])), stops.StopSignals():
     os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step and save
     try:
         os.kill(os.getpid(), signal.SIGINT)  # the second: abort
@@ -205,13 +204,18 @@ def test_a_second_ctrl_c_ends_the_command_even_if_the_clean_up_never_returns():
     assert last.startswith(f"FATAL {stops.ABORTED} (clean-up stalled"), proc.stderr
 
 
-def test_in_a_notebook_a_second_ctrl_c_is_an_exception_and_nothing_ends_the_kernel():
+def test_in_a_notebook_a_second_ctrl_c_is_an_exception_and_then_ctrl_c_is_the_kernels_again():
     assert stops._abort_deadline_s is None  # only the command line sets one
-    threads = set(threading.enumerate())
-    with pytest.raises(stops.Aborted), stops.StopSignals():
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
+    handler, threads = signal.getsignal(signal.SIGINT), set(threading.enumerate())
+    stop = stops.StopSignals()
+    try:
+        with pytest.raises(stops.Aborted), stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.clean_up_done()  # what the trainer does once its clean-up is over
     assert set(threading.enumerate()) <= threads  # no timer that would end the process
+    assert signal.getsignal(signal.SIGINT) is handler
 
 
 def test_closing_the_metrics_after_an_interrupt_does_not_wait_for_tensorboards_thread(tmp_path):

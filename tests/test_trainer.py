@@ -225,6 +225,25 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(tmp_path):
     assert second["eval"] == uninterrupted["eval"]
 
 
+def test_a_ctrl_c_in_a_notebook_stops_at_a_step_saves_it_and_gives_ctrl_c_back(tmp_path):
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("SIGINT handlers can only be installed from the main thread")
+    config = tiny_config(checkpoint_every_steps=4)
+    handler = signal.getsignal(signal.SIGINT)
+
+    def interrupt_at(step):  # the user interrupts the cell while batch 6 is being read
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = trainer.train_and_evaluate(
+        config, str(tmp_path), data=FakeData(config, on_batch=interrupt_at)
+    )
+    assert result["stopped_by"] == "SIGINT" and 4 < result["step"] < 12
+    saved = checkpoints.TrainCheckpoints(tmp_path / "checkpoints").all_steps()
+    assert saved == [4, result["step"]]
+    assert signal.getsignal(signal.SIGINT) is handler  # the kernel's next Ctrl-C is its own
+
+
 def test_nonfinite_loss_names_the_step_and_keeps_the_newest_checkpoint(tmp_path):
     # A NaN image in the batch of step 7; losses are only checked at the step-10 save.
     config = tiny_config(total_steps=12, log_every_steps=100, checkpoint_every_steps=5)

@@ -252,8 +252,6 @@ def _train() -> int:
     )
     from vit_jax.train import stops, trainer  # TensorFlow & co. load once the flags are valid
 
-    stops.exit_if_abort_stalls(ABORT_GRACE_S)
-
     overridden = set(config_flags.get_override_values(flags.FLAGS["config"]))
     none_for_tuple_overrides(config, overridden)
     prefer_command_line(config, overridden)
@@ -262,7 +260,8 @@ def _train() -> int:
 
         dry_run.print_dry_run(config)
         return 0
-    result = trainer.train_and_evaluate(config, _WORKDIR.value, restart=_RESTART.value)
+    with stops.exit_if_abort_stalls(ABORT_GRACE_S):
+        result = trainer.train_and_evaluate(config, _WORKDIR.value, restart=_RESTART.value)
     if result["preempted"]:
         status = cli.EXIT_SIGINT if result["stopped_by"] == "SIGINT" else cli.EXIT_SIGTERM
         print(

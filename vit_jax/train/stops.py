@@ -15,6 +15,7 @@ A Ctrl-C reaches one process only: it ends that one, unsaved, and JAX's shutdown
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -27,14 +28,19 @@ ABORTED = "second Ctrl-C: aborted without saving; the newest committed checkpoin
 _abort_deadline_s: float | None = None  # exit_if_abort_stalls
 
 
-def exit_if_abort_stalls(seconds: float | None) -> None:
-    """After a second Ctrl-C, end the process `seconds` later if the unwinding has not (None: never).
+@contextlib.contextmanager
+def exit_if_abort_stalls(seconds: float):
+    """Within the block, a second Ctrl-C ends the process `seconds` later if unwinding has not.
 
     The abort is a KeyboardInterrupt raised wherever the main thread is, possibly inside a library
     that then waits forever on a thread of its own; a command line must still end "at once". Not
     for notebooks: there the kernel outlives the run, and the interrupt is the only way out."""
     global _abort_deadline_s
-    _abort_deadline_s = seconds
+    before, _abort_deadline_s = _abort_deadline_s, seconds
+    try:
+        yield
+    finally:
+        _abort_deadline_s = before
 
 
 class Aborted(KeyboardInterrupt):
@@ -49,6 +55,7 @@ class StopSignals:
     def __init__(self, log=print):
         self.received: str | None = None
         self._previous: dict[int, object] = {}
+        self._after_clean_up = None  # the SIGINT handler to put back once the clean-up is over
         self._multihost = jax.process_count() > 1
         self._log = log
 
@@ -114,9 +121,16 @@ class StopSignals:
         for signum, previous in self._previous.items():
             # After a Ctrl-C stop, the save and clean-up still run: another Ctrl-C aborts them.
             if signum == signal.SIGINT and self.received == "SIGINT":
-                previous = self._abort
+                self._after_clean_up, previous = previous, self._abort
             signal.signal(signum, previous)
         self._previous = {}
+
+    def clean_up_done(self) -> None:
+        """After a Ctrl-C stop: the save and clean-up are over, the SIGINT handler from before the
+        loop comes back (in a notebook, the kernel's: a later Ctrl-C is not an abort)."""
+        if self._after_clean_up is not None:
+            signal.signal(signal.SIGINT, self._after_clean_up)
+            self._after_clean_up = None
 
     @staticmethod
     def _abort(signum, frame):

@@ -206,7 +206,7 @@ def train_and_evaluate(
             mesh,
             config.prefetch_to_device,
         )
-    aborted = interrupted = False
+    stop, aborted, interrupted = stops.StopSignals(), False, False
     try:
         if step < total_steps:  # compiled before the processes meet: they start the step together
             first = next(batches)
@@ -214,7 +214,7 @@ def train_and_evaluate(
             batches = itertools.chain([first], batches)
         distributed.barrier("train loop")
         with (
-            stops.StopSignals() as stop,
+            stop,
             progress.bar(total_steps, "train", start_step) as bar,
         ):
             while step < total_steps:
@@ -259,7 +259,10 @@ def train_and_evaluate(
         aborted, interrupted = isinstance(e, stops.Aborted), True
         raise
     finally:
-        _close_storage(ckpt, writer, owner, aborted, interrupted)
+        try:
+            _close_storage(ckpt, writer, owner, aborted, interrupted)
+        finally:
+            stop.clean_up_done()
 
     if not preempted:
         report.plot_curves(workdir / "metrics.jsonl", workdir / "curves.png")
